@@ -1,0 +1,159 @@
+"""Bidirectional grouped-query attention with a symmetric local window, and its kernels.
+
+Masks (nothing is causal):
+- full layers: a query sees every non-padding key;
+- sliding layers: a query at i sees a non-padding key at j iff ``|i - j| <= radius``
+  (radius = configured sliding_window // 2 = 256 for EmbeddingGemma).
+Padding masks keys only. A padded query far from every real token can have all its keys masked
+on a sliding layer, so the mask value is finite: softmax then stays finite (such rows are dropped
+by the pooling), where ``-inf`` would give NaN.
+
+Kernels, all computing the same function:
+- ``dense``: the full [L, S] score matrix with the mask applied (full layers; short inputs);
+- ``local``: queries in blocks of C, each against its own window of C + 2P keys, so sliding
+  layers cost time linear in L;
+- ``cudnn`` / ``splash``: accelerator paths selected by backend (see ``select_impl``).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from embeddinggemma_jax.layers import RMSNorm, apply_rope, precision_for
+from embeddinggemma_jax.sharding import constrain
+
+# Finite and far below any real score, with headroom so adding a score cannot overflow.
+MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
+
+
+def _softmax_attend(q, k, v, mask, dtype, precision):
+    """q: [B, ..., L, K, G, H], k/v: [B, ..., S, K, H], mask broadcastable to [B, ..., K, G, L, S]."""
+    scores = jnp.einsum("...LKGH,...SKH->...KGLS", q, k, precision=precision).astype(jnp.float32)
+    scores = jnp.where(mask, scores, MASK_VALUE)
+    probs = jax.nn.softmax(scores, axis=-1).astype(dtype)
+    return jnp.einsum("...KGLS,...SKH->...LKGH", probs, v, precision=precision)
+
+
+def dense_attention(q, k, v, key_valid, radius: int | None, dtype):
+    """q: [B, L, K, G, H] (already scaled), k/v: [B, L, K, H], key_valid: [B, L] bool."""
+    L = q.shape[1]
+    mask = key_valid[:, None, None, None, :]  # [B, 1, 1, 1, S]
+    if radius is not None:
+        pos = jnp.arange(L)
+        mask = mask & (jnp.abs(pos[:, None] - pos[None, :]) <= radius)[None, None, None]
+    return _softmax_attend(q, k, v, mask, dtype, precision_for(dtype))
+
+
+def local_block_size(radius: int) -> int:
+    return max(1, radius)
+
+
+def local_attention(q, k, v, key_valid, radius: int, dtype, block: int | None = None):
+    """Sliding-window attention in query blocks: time and memory linear in L.
+
+    Queries [b*C, (b+1)*C) can only see keys in [b*C - radius, (b+1)*C + radius), which lies inside
+    the key blocks b-p .. b+p (p = ceil(radius / C)); each query block attends to those 2p+1
+    blocks (W = (2p+1)*C keys) under the exact |i - j| <= radius mask.
+    """
+    B, L, K, G, H = q.shape
+    C = block or local_block_size(radius)
+    p = -(-radius // C)
+    nb = -(-L // C)
+    pad_end = nb * C - L
+    # Pad queries to whole blocks; pad keys by p blocks on each side as well.
+    q = jnp.pad(q, ((0, 0), (0, pad_end), (0, 0), (0, 0), (0, 0)))
+    kv_pad = ((0, 0), (p * C, pad_end + p * C), (0, 0), (0, 0))
+    k = jnp.pad(k, kv_pad)
+    v = jnp.pad(v, kv_pad)
+    valid = jnp.pad(key_valid, ((0, 0), (p * C, pad_end + p * C)))  # padding positions are invalid
+
+    qb = q.reshape(B, nb, C, K, G, H)
+    kb = k.reshape(B, nb + 2 * p, C, K, H)
+    vb = v.reshape(B, nb + 2 * p, C, K, H)
+    mb = valid.reshape(B, nb + 2 * p, C)
+    # Window of block b = key blocks b .. b+2p of the padded keys.
+    kw = jnp.concatenate([kb[:, j:j + nb] for j in range(2 * p + 1)], axis=2)  # [B, nb, W, K, H]
+    vw = jnp.concatenate([vb[:, j:j + nb] for j in range(2 * p + 1)], axis=2)
+    mw = jnp.concatenate([mb[:, j:j + nb] for j in range(2 * p + 1)], axis=2)  # [B, nb, W]
+
+    # Absolute positions: query b*C + c, key (b - p)*C + w.
+    rel = (jnp.arange(2 * p + 1) * C)[:, None] + jnp.arange(C)[None, :]  # [2p+1, C]
+    rel = rel.reshape(-1) - p * C  # key offset from the block start, [W]
+    dist = rel[None, :] - jnp.arange(C)[:, None]  # [C, W]: j - i, independent of b
+    band = jnp.abs(dist) <= radius
+    mask = mw[:, :, None, None, None, :] & band[None, None, None, None]  # [B, nb, 1, 1, C, W]
+    out = _softmax_attend(qb, kw, vw, mask, dtype, precision_for(dtype))  # [B, nb, C, K, G, H]
+    return out.reshape(B, nb * C, K, G, H)[:, :L]
+
+
+def use_local(L: int, radius: int) -> bool:
+    """Blocked attention pays off once its window is shorter than the sequence."""
+    C = local_block_size(radius)
+    return L > (2 * (-(-radius // C)) + 1) * C
+
+
+def select_impl(backend: str | None = None) -> str:
+    """'xla' everywhere by default; accelerators get their kernels (see attention_kernels)."""
+    backend = backend or jax.default_backend()
+    return {"gpu": "cudnn", "tpu": "splash"}.get(backend, "xla")
+
+
+def attend(q, k, v, key_valid, radius: int | None, dtype, impl: str = "xla"):
+    """Dispatch: radius=None means a full-attention layer."""
+    if impl != "xla":
+        from embeddinggemma_jax import attention_kernels
+
+        return attention_kernels.attend(q, k, v, key_valid, radius, dtype, impl)
+    if radius is not None and use_local(q.shape[1], radius):
+        return local_attention(q, k, v, key_valid, radius, dtype)
+    return dense_attention(q, k, v, key_valid, radius, dtype)
+
+
+class Attention(nnx.Module):
+    def __init__(self, cfg, *, dtype, param_dtype, rngs: nnx.Rngs):
+        init = nnx.initializers.normal(0.02)
+        D, N, K, H = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        self.q_proj = nnx.Param(init(rngs.params(), (D, N, H), param_dtype))  # [D, N, H]
+        self.k_proj = nnx.Param(init(rngs.params(), (D, K, H), param_dtype))  # [D, K, H]
+        self.v_proj = nnx.Param(init(rngs.params(), (D, K, H), param_dtype))  # [D, K, H]
+        self.o_proj = nnx.Param(init(rngs.params(), (N, H, D), param_dtype))  # [N, H, D]
+        self.q_norm = RMSNorm(H, cfg.rms_norm_eps, param_dtype=param_dtype)
+        self.k_norm = RMSNorm(H, cfg.rms_norm_eps, param_dtype=param_dtype)
+        self.num_kv_heads, self.num_groups = K, N // K
+        self.query_scale = cfg.query_scale
+        self.dtype = dtype
+
+    def __call__(self, x, key_valid, rope, radius: int | None, impl: str = "xla"):
+        """x: [B, L, D]; rope: (cos, sin) each [L, H]; radius None for full attention."""
+        dt, p = self.dtype, precision_for(self.dtype)
+        B, L, _ = x.shape
+        q = jnp.einsum("BLD,DNH->BLNH", x, self.q_proj[...].astype(dt), precision=p)
+        k = jnp.einsum("BLD,DKH->BLKH", x, self.k_proj[...].astype(dt), precision=p)
+        v = jnp.einsum("BLD,DKH->BLKH", x, self.v_proj[...].astype(dt), precision=p)
+        # q/k norms come before RoPE, as in Gemma-3.
+        q = apply_rope(self.q_norm(q), *rope)
+        k = apply_rope(self.k_norm(k), *rope)
+        # 1/16 is a power of two: scaling q is bit-identical to scaling the scores.
+        q = (q * jnp.asarray(self.query_scale, dt)).reshape(B, L, self.num_kv_heads, self.num_groups, -1)
+        q = constrain(q, ("batch", "length", "kv_heads", None, "head_dim"))
+        out = attend(q, k, v, key_valid, radius, dt, impl)  # [B, L, K, G, H]
+        out = out.reshape(B, L, self.num_kv_heads * self.num_groups, -1)
+        return jnp.einsum("BLNH,NHD->BLD", out, self.o_proj[...].astype(dt), precision=p)
+
+
+def flops_per_token(cfg, L: int) -> float:
+    """Model FLOPs per token at length L (matmuls only; local layers see at most 2r+1 keys)."""
+    D, F, N, K, H = cfg.hidden_size, cfg.intermediate_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    proj = 2 * D * (N * H + 2 * K * H) + 2 * N * H * D
+    mlp = 2 * 3 * D * F
+    total = 0.0
+    for sliding in cfg.sliding_flags:
+        keys = min(L, 2 * cfg.window_radius + 1) if sliding else L
+        total += proj + mlp + 2 * 2 * N * H * keys
+    return total  # the Dense head runs once per text: negligible per token
+
+
+__all__ = ["Attention", "attend", "dense_attention", "local_attention", "MASK_VALUE", "select_impl",
+           "flops_per_token", "use_local"]

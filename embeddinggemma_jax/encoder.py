@@ -1,0 +1,97 @@
+"""The Gemma-3 text encoder run bidirectionally, its layers scanned over depth.
+
+Layers are created with ``nnx.vmap`` (every parameter gets a leading ``layers`` axis) and run
+with ``jax.lax.scan``: compiling a bucket costs one layer body, whatever the depth. Sliding and
+full layers differ only in their mask radius and RoPE base; a per-layer flag picks the branch
+with ``lax.cond`` inside the scan.
+"""
+
+from __future__ import annotations
+
+import math
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from embeddinggemma_jax.attention import Attention
+from embeddinggemma_jax.config import EncoderConfig
+from embeddinggemma_jax.layers import MLP, RMSNorm, rope_tables
+from embeddinggemma_jax.sharding import constrain
+
+
+class Block(nnx.Module):
+    """One decoder-style layer with Gemma's sandwich norms."""
+
+    def __init__(self, cfg: EncoderConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
+        D = cfg.hidden_size
+        kw = dict(param_dtype=param_dtype)
+        self.input_layernorm = RMSNorm(D, cfg.rms_norm_eps, **kw)
+        self.post_attention_layernorm = RMSNorm(D, cfg.rms_norm_eps, **kw)
+        self.pre_feedforward_layernorm = RMSNorm(D, cfg.rms_norm_eps, **kw)
+        self.post_feedforward_layernorm = RMSNorm(D, cfg.rms_norm_eps, **kw)
+        self.self_attn = Attention(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.mlp = MLP(D, cfg.intermediate_size, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+
+    def __call__(self, h, key_valid, rope, radius, impl):
+        a = self.self_attn(self.input_layernorm(h), key_valid, rope, radius, impl)
+        h = h + self.post_attention_layernorm(a)
+        m = self.mlp(self.pre_feedforward_layernorm(h))
+        h = h + self.post_feedforward_layernorm(m)
+        return constrain(h, ("batch", "length", "embed"))
+
+
+class Encoder(nnx.Module):
+    def __init__(self, cfg: EncoderConfig, *, dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
+        self.cfg = cfg
+        self.dtype = dtype
+        self.embed_tokens = nnx.Param(
+            nnx.initializers.normal(1.0)(rngs.params(), (cfg.vocab_size, cfg.hidden_size), param_dtype))  # [V, D]
+
+        @nnx.split_rngs(splits=cfg.num_layers)
+        @nnx.vmap(in_axes=0, out_axes=0)
+        def make_layers(rngs):
+            return Block(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+
+        self.layers = make_layers(rngs)
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, param_dtype=param_dtype)
+
+    def embed(self, ids: jax.Array) -> jax.Array:
+        """ids: [B, L] -> [B, L, D]. The sqrt(D) scale is cast to the compute dtype first, as in
+        the reference (in bf16 it is 27.75, not 27.7128)."""
+        h = jnp.take(self.embed_tokens[...], ids, axis=0).astype(self.dtype)
+        return h * jnp.asarray(math.sqrt(self.cfg.hidden_size), self.dtype)
+
+    def __call__(self, ids, mask, *, impl: str = "xla", return_hidden: bool = False, remat: bool = False):
+        """ids, mask: [B, L] -> token embeddings [B, L, D] (after the final norm).
+
+        With ``return_hidden`` also returns the residual stream after each layer: [layers, B, L, D].
+        """
+        cfg = self.cfg
+        L = ids.shape[1]
+        key_valid = mask.astype(bool)
+        pos = jnp.arange(L)
+        rope_local = rope_tables(pos, cfg.head_dim, cfg.rope_local_base_freq, self.dtype)
+        rope_global = rope_tables(pos, cfg.head_dim, cfg.rope_theta, self.dtype)
+        h = constrain(self.embed(ids), ("batch", "length", "embed"))
+
+        graphdef, layer_state = nnx.split(self.layers)
+        flags = jnp.asarray(cfg.sliding_flags)
+
+        def body(h, xs):
+            state, sliding = xs
+            block = nnx.merge(graphdef, state)
+            local = partial(block, rope=rope_local, radius=cfg.window_radius, impl=impl)
+            full = partial(block, rope=rope_global, radius=None, impl=impl)
+            if all(cfg.sliding_flags) or not any(cfg.sliding_flags):
+                h = (local if cfg.sliding_flags[0] else full)(h, key_valid)
+            else:
+                h = jax.lax.cond(sliding, local, full, h, key_valid)
+            return h, (h if return_hidden else None)
+
+        if remat:
+            body = jax.checkpoint(body, policy=jax.checkpoint_policies.nothing_saveable)
+        h, hidden = jax.lax.scan(body, h, (layer_state, flags))
+        out = self.norm(h)
+        return (out, hidden) if return_hidden else out

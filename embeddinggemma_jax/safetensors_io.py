@@ -1,0 +1,108 @@
+"""A minimal safetensors reader (memory-mapped, zero-copy) and atomic writer, bf16 included.
+
+The format: 8-byte little-endian header length, a JSON header ``{name: {dtype, shape,
+data_offsets}}``, then the raw little-endian tensor bytes. Reading maps the file and returns
+numpy views, so loading never holds a second host copy of the whole checkpoint; numpy has no
+bfloat16, hence ``ml_dtypes``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+import tempfile
+from pathlib import Path
+from typing import Mapping
+
+import ml_dtypes
+import numpy as np
+
+from embeddinggemma_jax.errors import WeightsError
+
+DTYPES = {
+    "F32": np.dtype(np.float32), "F16": np.dtype(np.float16), "BF16": np.dtype(ml_dtypes.bfloat16),
+    "F64": np.dtype(np.float64), "I64": np.dtype(np.int64), "I32": np.dtype(np.int32),
+    "I8": np.dtype(np.int8), "U8": np.dtype(np.uint8), "BOOL": np.dtype(np.bool_),
+}
+NAMES = {v: k for k, v in DTYPES.items()}
+MAX_HEADER = 100 * 1024 * 1024
+
+
+class SafeTensorsFile:
+    """``keys()``, ``shape(key)``, ``dtype(key)`` without reading data; ``get(key)`` is a memmap view."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        try:
+            size = self.path.stat().st_size
+            with open(self.path, "rb") as f:
+                raw = f.read(8)
+                if len(raw) != 8:
+                    raise ValueError("file shorter than the 8-byte header length")
+                (n,) = struct.unpack("<Q", raw)
+                if n > MAX_HEADER or 8 + n > size:
+                    raise ValueError(f"header length {n} does not fit in a {size}-byte file")
+                header = json.loads(f.read(n))
+        except (OSError, ValueError) as e:
+            raise WeightsError(f"{self.path} is not a readable safetensors file ({e}); re-download or re-export it")
+        self.metadata = header.pop("__metadata__", None) or {}
+        self.header = header
+        self.data_start = 8 + n
+        end = max((v["data_offsets"][1] for v in header.values()), default=0)
+        if self.data_start + end > size:
+            raise WeightsError(f"{self.path} is truncated: its header needs {self.data_start + end} bytes, "
+                               f"the file has {size}; re-download or re-export it")
+        self._mm = np.memmap(self.path, dtype=np.uint8, mode="r") if size > self.data_start else None
+
+    def keys(self) -> list[str]:
+        return list(self.header)
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return tuple(self.header[key]["shape"])
+
+    def dtype(self, key: str) -> np.dtype:
+        name = self.header[key]["dtype"]
+        if name not in DTYPES:
+            raise WeightsError(f"{self.path}: tensor {key} has unsupported dtype {name}")
+        return DTYPES[name]
+
+    def get(self, key: str) -> np.ndarray:
+        start, end = self.header[key]["data_offsets"]
+        dt = self.dtype(key)
+        buf = self._mm[self.data_start + start:self.data_start + end] if self._mm is not None else np.zeros(0, np.uint8)
+        return buf.view(dt).reshape(self.shape(key))
+
+
+def save_file(tensors: Mapping[str, np.ndarray], path: str | os.PathLike, metadata: dict | None = None) -> None:
+    """Write atomically (temporary name, then rename); tensors are stored C-contiguous, little-endian."""
+    path = Path(path)
+    header: dict = {"__metadata__": dict(metadata or {"format": "pt"})}
+    offset = 0
+    arrays = []
+    for key in sorted(tensors):
+        a = np.ascontiguousarray(tensors[key])
+        if a.dtype not in NAMES:
+            raise WeightsError(f"cannot write tensor {key} of dtype {a.dtype} to safetensors")
+        header[key] = {"dtype": NAMES[a.dtype], "shape": list(a.shape), "data_offsets": [offset, offset + a.nbytes]}
+        offset += a.nbytes
+        arrays.append(a)
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)  # align data to 8 bytes, as the reference writer does
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".tmp-{path.name}-")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(struct.pack("<Q", len(blob)))
+            f.write(blob)
+            for a in arrays:
+                if a.dtype.byteorder == ">":
+                    a = a.astype(a.dtype.newbyteorder("<"))
+                f.write(a.reshape(-1).view(np.uint8).data)  # no extra copy of large tensors
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise

@@ -1,0 +1,283 @@
+"""sentence-transformers safetensors <-> parameter tree: one declarative table, named transforms.
+
+Every parameter of ``EmbeddingGemmaModule`` appears once in ``PARAM_TABLE`` with
+- its path in the NNX state, its safetensors file and key (``{i}`` = layer index),
+- a named transform that runs both ways (torch Linear is [out, in]; we keep [in, out] and split
+  the head axis out of q/k/v/o so einsums can name it),
+- its logical axes (``sharding.py`` maps those onto a mesh).
+The loader, the Orbax converter and the exporter all go through this table.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable, Iterator
+
+import jax
+import ml_dtypes
+import numpy as np
+from flax import nnx
+
+from embeddinggemma_jax.config import EncoderConfig, HeadConfig
+from embeddinggemma_jax.errors import WeightsError
+from embeddinggemma_jax.safetensors_io import SafeTensorsFile
+
+ENCODER_FILE = "model.safetensors"
+DENSE1_FILE = "2_Dense/model.safetensors"
+DENSE2_FILE = "3_Dense/model.safetensors"
+PICKLED_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
+
+
+@dataclass(frozen=True)
+class Transform:
+    """``to_jax(hf_array, cfg)`` and its inverse ``to_hf(jax_array, cfg)``."""
+
+    name: str
+    to_jax: Callable[[np.ndarray, EncoderConfig], np.ndarray]
+    to_hf: Callable[[np.ndarray, EncoderConfig], np.ndarray]
+
+
+IDENTITY = Transform("identity", lambda x, c: x, lambda x, c: x)
+TRANSPOSE = Transform("transpose", lambda x, c: x.T, lambda x, c: x.T)
+# [n*H, D] -> [D, n, H]: the input projections, heads split out.
+Q_HEADS = Transform("split_q_heads", lambda x, c: x.T.reshape(x.shape[1], c.num_heads, c.head_dim),
+                    lambda x, c: x.reshape(x.shape[0], -1).T)
+KV_HEADS = Transform("split_kv_heads", lambda x, c: x.T.reshape(x.shape[1], c.num_kv_heads, c.head_dim),
+                     lambda x, c: x.reshape(x.shape[0], -1).T)
+# [D, N*H] -> [N, H, D]: the output projection.
+O_HEADS = Transform("split_o_heads", lambda x, c: x.T.reshape(c.num_heads, c.head_dim, x.shape[0]),
+                    lambda x, c: x.reshape(-1, x.shape[-1]).T)
+
+
+@dataclass(frozen=True)
+class ParamSpec:
+    path: tuple[str, ...]  # NNX state path
+    file: str  # safetensors file inside the folder
+    key: str  # key in that file; "{i}" = layer index for per-layer parameters
+    transform: Transform
+    axes: tuple[str | None, ...]  # logical axes of the JAX array (without the layers axis)
+
+    @property
+    def per_layer(self) -> bool:
+        return "{i}" in self.key
+
+    @property
+    def logical_axes(self) -> tuple[str | None, ...]:
+        return (("layers",) + self.axes) if self.per_layer else self.axes
+
+    def hf_keys(self, num_layers: int) -> list[str]:
+        return [self.key.format(i=i) for i in range(num_layers)] if self.per_layer else [self.key]
+
+
+def _layer(path, key, transform, axes):
+    return ParamSpec(("encoder", "layers") + path, ENCODER_FILE, "layers.{i}." + key, transform, axes)
+
+
+_NORM = ("embed",)
+PARAM_TABLE: tuple[ParamSpec, ...] = (
+    ParamSpec(("encoder", "embed_tokens"), ENCODER_FILE, "embed_tokens.weight", IDENTITY, ("vocab", "embed")),
+    _layer(("input_layernorm", "scale"), "input_layernorm.weight", IDENTITY, _NORM),
+    _layer(("post_attention_layernorm", "scale"), "post_attention_layernorm.weight", IDENTITY, _NORM),
+    _layer(("pre_feedforward_layernorm", "scale"), "pre_feedforward_layernorm.weight", IDENTITY, _NORM),
+    _layer(("post_feedforward_layernorm", "scale"), "post_feedforward_layernorm.weight", IDENTITY, _NORM),
+    _layer(("self_attn", "q_proj"), "self_attn.q_proj.weight", Q_HEADS, ("embed", "q_heads", "head_dim")),
+    _layer(("self_attn", "k_proj"), "self_attn.k_proj.weight", KV_HEADS, ("embed", "kv_heads", "head_dim")),
+    _layer(("self_attn", "v_proj"), "self_attn.v_proj.weight", KV_HEADS, ("embed", "kv_heads", "head_dim")),
+    _layer(("self_attn", "o_proj"), "self_attn.o_proj.weight", O_HEADS, ("q_heads", "head_dim", "embed")),
+    _layer(("self_attn", "q_norm", "scale"), "self_attn.q_norm.weight", IDENTITY, ("head_dim",)),
+    _layer(("self_attn", "k_norm", "scale"), "self_attn.k_norm.weight", IDENTITY, ("head_dim",)),
+    _layer(("mlp", "gate_proj"), "mlp.gate_proj.weight", TRANSPOSE, ("embed", "mlp")),
+    _layer(("mlp", "up_proj"), "mlp.up_proj.weight", TRANSPOSE, ("embed", "mlp")),
+    _layer(("mlp", "down_proj"), "mlp.down_proj.weight", TRANSPOSE, ("mlp", "embed")),
+    ParamSpec(("encoder", "norm", "scale"), ENCODER_FILE, "norm.weight", IDENTITY, _NORM),
+    ParamSpec(("head", "dense1"), DENSE1_FILE, "linear.weight", TRANSPOSE, ("embed", "dense_hidden")),
+    ParamSpec(("head", "dense2"), DENSE2_FILE, "linear.weight", TRANSPOSE, ("dense_hidden", "dense_out")),
+)
+ORDER = sorted(PARAM_TABLE, key=lambda s: s.path != ("encoder", "embed_tokens"))  # largest first: lowest peak
+
+
+def logical_axes_tree(state: nnx.State) -> dict[tuple[str, ...], tuple[str | None, ...]]:
+    """Logical axes of every parameter path of a model state (used by sharding.py)."""
+    table = {s.path: s.logical_axes for s in PARAM_TABLE}
+    out = {}
+    for path, _ in iter_params(state):
+        if path not in table:
+            raise WeightsError(f"parameter {'/'.join(path)} has no entry in weights.PARAM_TABLE")
+        out[path] = table[path]
+    return out
+
+
+def iter_params(state: nnx.State) -> Iterator[tuple[tuple[str, ...], nnx.Variable]]:
+    for path, var in nnx.to_flat_state(state):
+        yield tuple(str(p) for p in path), var
+
+
+def _np_dtype(dtype) -> np.dtype:
+    return np.dtype(ml_dtypes.bfloat16) if str(np.dtype(dtype) if not isinstance(dtype, str) else dtype) == "bfloat16" \
+        else np.dtype(dtype)
+
+
+class CheckpointReader:
+    """The safetensors files of a sentence-transformers folder; refuses pickled checkpoints."""
+
+    def __init__(self, folder: str | Path):
+        self.folder = Path(folder)
+        self.files: dict[str, SafeTensorsFile] = {}
+        needed = sorted({s.file for s in PARAM_TABLE})
+        for rel in needed:
+            p = self.folder / rel
+            if not p.is_file():
+                pickled = [q.name for q in p.parent.glob("*") if q.suffix in PICKLED_SUFFIXES] if p.parent.is_dir() else []
+                if pickled:
+                    raise WeightsError(f"{p.parent} holds only a pickled checkpoint ({', '.join(pickled)}); pickles can run "
+                                       "arbitrary code and are refused: convert it to safetensors first")
+                raise WeightsError(f"{p} is missing; a sentence-transformers folder of EmbeddingGemma needs "
+                                   f"{', '.join(needed)}")
+            self.files[rel] = SafeTensorsFile(p)
+        # Some exports prefix the encoder keys with "model." (transformers' Gemma3Model naming).
+        enc = self.files[ENCODER_FILE]
+        self.prefix = "model." if enc.keys() and all(k.startswith("model.") for k in enc.keys()) else ""
+
+    def key(self, spec: ParamSpec, hf_key: str) -> str:
+        return (self.prefix + hf_key) if spec.file == ENCODER_FILE else hf_key
+
+    def check(self, expected: dict[tuple[str, ...], tuple[int, ...]], cfg: EncoderConfig) -> None:
+        """Raise one error naming every missing, unexpected or mis-shaped tensor."""
+        problems = []
+        used: dict[str, set[str]] = {f: set() for f in self.files}
+        for spec in PARAM_TABLE:
+            f = self.files[spec.file]
+            want = expected[spec.path]
+            for i, hf_key in enumerate(spec.hf_keys(cfg.num_layers)):
+                k = self.key(spec, hf_key)
+                if k not in f.header:
+                    problems.append(f"missing {spec.file}:{k}")
+                    continue
+                used[spec.file].add(k)
+                shape = f.shape(k)
+                want_one = want[1:] if spec.per_layer else want
+                got = _jax_shape(spec, shape, cfg)
+                if got != tuple(want_one):
+                    problems.append(f"{spec.file}:{k} has shape {list(shape)}, expected "
+                                    f"{list(_hf_shape(spec, want_one, cfg))}")
+        for rel, f in self.files.items():
+            for k in sorted(set(f.keys()) - used[rel]):
+                if not k.endswith("lm_head.weight"):  # a tied LM head is a copy of embed_tokens: harmless
+                    problems.append(f"unexpected {rel}:{k}")
+        if problems:
+            shown = "; ".join(problems[:12]) + (f"; and {len(problems) - 12} more" if len(problems) > 12 else "")
+            raise WeightsError(f"checkpoint {self.folder} does not match the config ({len(problems)} problems): {shown}")
+
+    def read(self, spec: ParamSpec, cfg: EncoderConfig, dtype) -> np.ndarray:
+        """The parameter as a host array in ``dtype``, per-layer tensors stacked on axis 0."""
+        f = self.files[spec.file]
+        keys = spec.hf_keys(cfg.num_layers)
+        out = None
+        for i, hf_key in enumerate(keys):
+            a = spec.transform.to_jax(f.get(self.key(spec, hf_key)), cfg)
+            if not spec.per_layer:
+                return np.asarray(a, dtype=_np_dtype(dtype))
+            if out is None:
+                out = np.empty((len(keys),) + a.shape, _np_dtype(dtype))
+            out[i] = a
+        return out
+
+
+class _ShapeOnly:
+    """Stands in for an array in shape checks, so large tensors are never read to check them."""
+
+    def __init__(self, shape):
+        self.shape = tuple(shape)
+
+    @property
+    def T(self):
+        return _ShapeOnly(self.shape[::-1])
+
+    def reshape(self, *shape):
+        shape = shape[0] if len(shape) == 1 and isinstance(shape[0], tuple) else shape
+        total = int(np.prod(self.shape))
+        known = int(np.prod([s for s in shape if s != -1]))
+        if total % max(known, 1):
+            raise ValueError("bad reshape")
+        return _ShapeOnly(tuple(total // known if s == -1 else s for s in shape))
+
+
+def _jax_shape(spec: ParamSpec, hf_shape, cfg: EncoderConfig) -> tuple[int, ...] | None:
+    try:
+        return spec.transform.to_jax(_ShapeOnly(hf_shape), cfg).shape
+    except (ValueError, IndexError):
+        return None
+
+
+def _hf_shape(spec: ParamSpec, jax_shape, cfg):
+    return spec.transform.to_hf(_ShapeOnly(jax_shape), cfg).shape
+
+
+def load_state(folder: str | Path, abstract_state: nnx.State, cfg: EncoderConfig, param_dtype,
+               shardings: dict[tuple[str, ...], jax.sharding.Sharding] | None = None,
+               specs: Iterable[ParamSpec] = ORDER) -> nnx.State:
+    """Fill ``abstract_state`` (from ``nnx.eval_shape``) from a sentence-transformers folder.
+
+    Each parameter is read from the memory map, transformed, cast, and placed on its devices one at
+    a time (the embedding table first), so the host never holds a second copy of the checkpoint.
+    """
+    reader = CheckpointReader(folder)
+    flat = dict(iter_params(abstract_state))
+    expected = {p: tuple(v.get_value().shape) for p, v in flat.items()}
+    missing = sorted(set(expected) - {s.path for s in PARAM_TABLE})
+    if missing:
+        raise WeightsError(f"model parameters without a table entry: {missing}")
+    reader.check(expected, cfg)
+    for spec in specs:
+        host = reader.read(spec, cfg, param_dtype)
+        sharding = (shardings or {}).get(spec.path)
+        value = jax.device_put(host, sharding) if sharding is not None else jax.device_put(host)
+        del host
+        flat[spec.path].set_value(value)
+    return abstract_state
+
+
+def to_hf_tensors(state: nnx.State, cfg: EncoderConfig, dtype="float32") -> dict[str, dict[str, np.ndarray]]:
+    """The inverse of ``load_state``: {file: {key: array}} in torch layout, ready to save."""
+    flat = dict(iter_params(state))
+    out: dict[str, dict[str, np.ndarray]] = {}
+    np_dtype = _np_dtype(dtype)
+    for spec in PARAM_TABLE:
+        value = np.asarray(jax.device_get(flat[spec.path].get_value()))
+        tensors = out.setdefault(spec.file, {})
+        for i, hf_key in enumerate(spec.hf_keys(cfg.num_layers)):
+            a = value[i] if spec.per_layer else value
+            tensors[hf_key] = np.ascontiguousarray(spec.transform.to_hf(a, cfg)).astype(np_dtype, copy=False)
+    return out
+
+
+def head_config_from_folder(folder: Path, base: HeadConfig | None = None) -> HeadConfig:
+    """Read the Dense configs and sentence-transformers settings of a folder into a HeadConfig."""
+    from embeddinggemma_jax.io_utils import read_json
+
+    base = base or HeadConfig()
+    d1 = read_json(folder / "2_Dense" / "config.json")
+    d2 = read_json(folder / "3_Dense" / "config.json")
+    for d, name in ((d1, "2_Dense"), (d2, "3_Dense")):
+        act = d.get("activation_function", "torch.nn.modules.linear.Identity")
+        if d.get("bias", False) or not act.endswith("Identity"):
+            raise WeightsError(f"{name}/config.json describes a Dense layer with bias or activation {act}; "
+                               "EmbeddingGemma's are bias-free and linear")
+    st = read_json(folder / "config_sentence_transformers.json") if (folder / "config_sentence_transformers.json").is_file() else {}
+    sb = read_json(folder / "sentence_bert_config.json") if (folder / "sentence_bert_config.json").is_file() else {}
+    modules = read_json(folder / "modules.json") if (folder / "modules.json").is_file() else []
+    pooling = folder / "1_Pooling" / "config.json"
+    if pooling.is_file():
+        pc = read_json(pooling)
+        if not pc.get("pooling_mode_mean_tokens", False):
+            raise WeightsError(f"{pooling} does not use mean pooling; EmbeddingGemma uses mean pooling")
+    return dataclasses.replace(
+        base,
+        in_features=d1["in_features"], hidden_features=d1["out_features"], out_features=d2["out_features"],
+        normalize=any(m.get("type", "").endswith("Normalize") for m in modules) if modules else True,
+        max_seq_length=sb.get("max_seq_length", base.max_seq_length),
+        prompts=dict(st.get("prompts", {})),
+        default_prompt_name=st.get("default_prompt_name"),
+    )
