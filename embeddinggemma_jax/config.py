@@ -148,7 +148,8 @@ class EncoderConfig:
             "num_key_value_heads": self.num_kv_heads,
             "head_dim": self.head_dim,
             "rms_norm_eps": self.rms_norm_eps,
-            "query_pre_attn_scalar": self.query_pre_attn_scalar,
+            "query_pre_attn_scalar": int(self.query_pre_attn_scalar) if float(self.query_pre_attn_scalar).is_integer()
+            else self.query_pre_attn_scalar,
             "sliding_window": self.sliding_window,
             "layer_types": list(self.layer_types),
             "rope_theta": self.rope_theta,

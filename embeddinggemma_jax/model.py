@@ -58,6 +58,14 @@ class EmbeddingGemma:
         self.compile_count = 0  # traces of the jitted step == compilations (one per batch shape)
         self._lock = threading.Lock()
         self._step = jax.jit(partial(self._forward, self.graphdef))
+        self.hf_config: dict | None = None  # the source config.json, kept verbatim on export
+
+    def save_pretrained(self, out_dir: str | os.PathLike, dtype: str = "float32") -> Path:
+        """Write a sentence-transformers folder that ``SentenceTransformer(out_dir)`` loads."""
+        from embeddinggemma_jax.export import save_folder
+
+        return save_folder(out_dir, self.state, self.encoder_config, self.head_config, self.tokenizer.path.parent,
+                           dtype=dtype, hf_config=self.hf_config)
 
     # ----------------------------------------------------------------------------- loading
     @classmethod
@@ -81,7 +89,9 @@ class EmbeddingGemma:
         state = load_state(folder, state, enc, param_dtype)
         module = nnx.merge(graphdef, state)
         tok = TextTokenizer(folder / "tokenizer.json", head.max_seq_length, enc.pad_token_id, enc.eos_token_id)
-        return cls(module, enc, head, tok, dtype=dtype, source=folder, **kw)
+        model = cls(module, enc, head, tok, dtype=dtype, source=folder, **kw)
+        model.hf_config = read_json(folder / "config.json")
+        return model
 
     @property
     def module(self) -> EmbeddingGemmaModule:

@@ -50,15 +50,22 @@ class ShardingContext:
 _current: contextvars.ContextVar[ShardingContext | None] = contextvars.ContextVar("sharding", default=None)
 
 
-def logical_to_spec(names: Sequence[str | None], rules, mesh: Mesh | None = None) -> PartitionSpec:
-    """Map logical axis names to a PartitionSpec; a mesh axis is used at most once per array."""
+def logical_to_spec(names: Sequence[str | None], rules, mesh: Mesh | None = None,
+                    shape: Sequence[int] | None = None) -> PartitionSpec:
+    """Map logical axis names to a PartitionSpec; a mesh axis is used at most once per array.
+
+    With ``shape``, a dimension the mesh axes do not divide evenly stays replicated (tiny test
+    models have prime sizes; the real model's sizes divide every v5e mesh).
+    """
     table = dict(rules)
     used: set[str] = set()
     out = []
-    for name in names:
+    for dim, name in enumerate(names):
         target = table.get(name) if name is not None else None
         axes = (target,) if isinstance(target, str) else tuple(target or ())
         axes = tuple(a for a in axes if a not in used and (mesh is None or mesh.shape.get(a, 1) > 1))
+        if shape is not None and mesh is not None and shape[dim] % int(np.prod([mesh.shape[a] for a in axes])):
+            axes = ()
         used.update(axes)
         out.append(None if not axes else axes[0] if len(axes) == 1 else axes)
     return PartitionSpec(*out)
@@ -92,3 +99,26 @@ def make_mesh(shape: tuple[int, int] | None = None, devices=None, axis_names=("d
     if int(np.prod(shape)) != len(devices):
         raise ValueError(f"mesh shape {shape} needs {int(np.prod(shape))} devices, have {len(devices)}")
     return Mesh(np.asarray(devices).reshape(shape), axis_names)
+
+
+def param_shardings(state, mesh: Mesh, rules) -> dict[tuple[str, ...], NamedSharding]:
+    """{parameter path: NamedSharding} from the logical axes in ``weights.PARAM_TABLE``."""
+    from embeddinggemma_jax.weights import iter_params, logical_axes_tree
+
+    shapes = {path: var.get_value().shape for path, var in iter_params(state)}
+    return {path: NamedSharding(mesh, logical_to_spec(axes, rules, mesh, shapes[path]))
+            for path, axes in logical_axes_tree(state).items()}
+
+
+def state_shardings(state, mesh: Mesh, rules):
+    """A pytree of NamedSharding with the structure of ``state`` (for jit, device_put, Orbax restore)."""
+    from flax import nnx
+
+    by_path = param_shardings(state, mesh, rules)
+    flat = [(path, var.replace(by_path[tuple(str(p) for p in path)])) for path, var in nnx.to_flat_state(state)]
+    return nnx.from_flat_state(flat)
+
+
+def shard_state(state, mesh: Mesh, rules):
+    """Place every parameter of ``state`` on ``mesh`` according to its logical axes."""
+    return jax.device_put(state, state_shardings(state, mesh, rules))

@@ -1,0 +1,81 @@
+"""Write a complete sentence-transformers folder from a parameter state (atomically).
+
+The folder holds model.safetensors, 2_Dense/, 3_Dense/, 1_Pooling/, the configs, the tokenizer
+files and the prompts, and ``SentenceTransformer(folder)`` loads it. ``config.json`` carries the
+configured sliding window (512), never transformers' in-memory rewrite of it.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Mapping
+
+from flax import nnx
+
+from embeddinggemma_jax.config import EncoderConfig, HeadConfig, check_dtype
+from embeddinggemma_jax.io_utils import atomic_dir
+from embeddinggemma_jax.safetensors_io import save_file
+from embeddinggemma_jax.weights import to_hf_tensors
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
+                   "added_tokens.json")
+
+MODULES = [
+    {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+    {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
+    {"idx": 2, "name": "2", "path": "2_Dense", "type": "sentence_transformers.models.Dense"},
+    {"idx": 3, "name": "3", "path": "3_Dense", "type": "sentence_transformers.models.Dense"},
+    {"idx": 4, "name": "4", "path": "4_Normalize", "type": "sentence_transformers.models.Normalize"},
+]
+
+
+def _dense_config(in_f: int, out_f: int) -> dict:
+    return {"in_features": in_f, "out_features": out_f, "bias": False,
+            "activation_function": "torch.nn.modules.linear.Identity"}
+
+
+def sentence_transformers_files(enc: EncoderConfig, head: HeadConfig, hf_config: Mapping | None = None) -> dict[str, dict]:
+    """The JSON files of the folder. ``hf_config``: the original config.json, kept verbatim when given."""
+    config = dict(hf_config) if hf_config else enc.to_hf_config()
+    config["sliding_window"] = enc.sliding_window  # the configured value, never the halved one
+    return {
+        "config.json": config,
+        "modules.json": MODULES if head.normalize else MODULES[:-1],
+        "1_Pooling/config.json": {
+            "word_embedding_dimension": enc.hidden_size, "pooling_mode_cls_token": False,
+            "pooling_mode_mean_tokens": True, "pooling_mode_max_tokens": False,
+            "pooling_mode_mean_sqrt_len_tokens": False, "pooling_mode_weightedmean_tokens": False,
+            "pooling_mode_lasttoken": False, "include_prompt": True},
+        "2_Dense/config.json": _dense_config(head.in_features, head.hidden_features),
+        "3_Dense/config.json": _dense_config(head.hidden_features, head.out_features),
+        "sentence_bert_config.json": {"max_seq_length": head.max_seq_length, "do_lower_case": False},
+        "config_sentence_transformers.json": {
+            "model_type": "SentenceTransformer", "prompts": dict(head.prompts),
+            "default_prompt_name": head.default_prompt_name, "similarity_fn_name": "cosine"},
+    }
+
+
+def save_folder(out_dir: str | Path, state: nnx.State, enc: EncoderConfig, head: HeadConfig,
+                tokenizer_dir: str | Path, dtype: str = "float32", hf_config: Mapping | None = None) -> Path:
+    """Write the folder atomically: an interrupted export leaves no folder that looks complete."""
+    dtype = check_dtype(dtype)
+    tokenizer_dir = Path(tokenizer_dir)
+    if not (tokenizer_dir / "tokenizer.json").is_file():
+        raise FileNotFoundError(f"{tokenizer_dir} has no tokenizer.json to copy into the exported folder")
+    tensors = to_hf_tensors(state, enc, dtype)
+    with atomic_dir(out_dir) as tmp:
+        for rel, obj in sentence_transformers_files(enc, head, hf_config).items():
+            (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
+            (tmp / rel).write_text(json.dumps(obj, indent=2) + "\n")
+        if dtype == "bfloat16":
+            cfg = json.loads((tmp / "config.json").read_text())
+            cfg["torch_dtype"] = cfg["dtype"] = "bfloat16"
+            (tmp / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+        for rel, group in tensors.items():
+            save_file(group, tmp / rel, metadata={"format": "pt"})
+        for name in TOKENIZER_FILES:
+            if (tokenizer_dir / name).is_file():
+                shutil.copy2(tokenizer_dir / name, tmp / name)
+    return Path(out_dir)
