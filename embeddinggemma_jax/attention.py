@@ -50,12 +50,13 @@ def local_block_size(radius: int) -> int:
     return max(1, radius)
 
 
-def local_attention(q, k, v, key_valid, radius: int, dtype, block: int | None = None):
-    """Sliding-window attention in query blocks: time and memory linear in L.
+def local_windows(q, k, v, key_valid, radius: int, block: int | None = None):
+    """The blocked layout of sliding-window attention, shared by every kernel that uses it.
 
     Queries [b*C, (b+1)*C) can only see keys in [b*C - radius, (b+1)*C + radius), which lies inside
-    the key blocks b-p .. b+p (p = ceil(radius / C)); each query block attends to those 2p+1
-    blocks (W = (2p+1)*C keys) under the exact |i - j| <= radius mask.
+    the key blocks b-p .. b+p (p = ceil(radius / C)); each query block gets those 2p+1 blocks
+    (W = (2p+1)*C keys) and the exact ``|i - j| <= radius`` mask.
+    Returns qb [B, nb, C, K, G, H], kw/vw [B, nb, W, K, H], mask [B, nb, C, W].
     """
     B, L, K, G, H = q.shape
     C = block or local_block_size(radius)
@@ -83,8 +84,16 @@ def local_attention(q, k, v, key_valid, radius: int, dtype, block: int | None = 
     rel = rel.reshape(-1) - p * C  # key offset from the block start, [W]
     dist = rel[None, :] - jnp.arange(C)[:, None]  # [C, W]: j - i, independent of b
     band = jnp.abs(dist) <= radius
-    mask = mw[:, :, None, None, None, :] & band[None, None, None, None]  # [B, nb, 1, 1, C, W]
-    out = _softmax_attend(qb, kw, vw, mask, dtype, precision_for(dtype))  # [B, nb, C, K, G, H]
+    mask = mw[:, :, None, :] & band[None, None]  # [B, nb, C, W]
+    return qb, kw, vw, mask
+
+
+def local_attention(q, k, v, key_valid, radius: int, dtype, block: int | None = None):
+    """Sliding-window attention in query blocks (see ``local_windows``): time and memory linear in L."""
+    B, L, K, G, H = q.shape
+    qb, kw, vw, mask = local_windows(q, k, v, key_valid, radius, block)
+    nb, C = qb.shape[1], qb.shape[2]
+    out = _softmax_attend(qb, kw, vw, mask[:, :, None, None], dtype, precision_for(dtype))  # [B, nb, C, K, G, H]
     return out.reshape(B, nb * C, K, G, H)[:, :L]
 
 
@@ -156,4 +165,4 @@ def flops_per_token(cfg, L: int) -> float:
 
 
 __all__ = ["Attention", "attend", "dense_attention", "local_attention", "MASK_VALUE", "select_impl",
-           "flops_per_token", "use_local"]
+           "flops_per_token", "use_local", "local_windows"]
