@@ -1,0 +1,257 @@
+"""The embedding API's rules (tiny model, fast) and its agreement with sentence-transformers (real weights)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from embeddinggemma_jax import EmbeddingGemma
+from embeddinggemma_jax.tokenize import make_batches
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_folder):
+    return EmbeddingGemma.from_pretrained(tiny_folder)
+
+
+def _l2(x):
+    return x / np.linalg.norm(x, axis=-1, keepdims=True)
+
+
+# --------------------------------------------------------------------------- shapes and types
+def test_shapes_and_dtypes(tiny):
+    d = tiny.dimensions
+    one = tiny.encode("hello")
+    assert one.shape == (d,) and one.dtype == np.float32
+    many = tiny.encode(["hello", "world", "again"])
+    assert many.shape == (3, d) and many.dtype == np.float32
+    empty = tiny.encode([])
+    assert empty.shape == (0, d) and empty.dtype == np.float32
+    assert tiny.encode([], dimensions=32).shape == (0, 32)
+    np.testing.assert_allclose(np.linalg.norm(many, axis=1), 1.0, atol=1e-6)
+    np.testing.assert_array_equal(one, tiny.encode(["hello"])[0])
+
+
+def test_order_preserved_after_bucketing(tiny):
+    rng = np.random.default_rng(0)
+    texts = ["w" * int(n) for n in rng.integers(0, 120, 37)]
+    batched = tiny.encode(texts, batch_size=4)
+    single = np.stack([tiny.encode(t) for t in texts])
+    np.testing.assert_allclose(batched, single, atol=1e-6)
+    # different texts give different vectors, so a permutation would be caught
+    assert len({round(float(x), 5) for x in batched[:, 0]}) > 30
+
+
+def test_batches_are_sorted_bucketed_and_complete(tiny):
+    ids = tiny.tokenizer.encode(["a" * n for n in (3, 100, 17, 50, 0, 64)])
+    batches = make_batches(ids, 2, tiny.length_buckets)
+    seen = np.concatenate([b.index for b in batches])
+    assert sorted(seen.tolist()) == list(range(6))
+    for b in batches:
+        assert b.ids.shape[1] in tiny.length_buckets
+        assert b.ids.shape[0] in (1, 2)
+        for r, i in enumerate(b.index):
+            n = len(ids[i])
+            assert b.mask[r].sum() == n and (b.ids[r, :n] == ids[i]).all() and (b.ids[r, n:] == 0).all()
+
+
+# --------------------------------------------------------------------------- prompts and titles
+def test_prompt_name_and_prompt(tiny):
+    texts = ["alpha", "beta"]
+    q = tiny.encode(texts, prompt_name="query")
+    manual = tiny.encode([tiny.prompts["query"] + t for t in texts])
+    np.testing.assert_array_equal(q, manual)
+    np.testing.assert_array_equal(tiny.encode_query(texts), q)
+    custom = tiny.encode(texts, prompt="Represent this: ")
+    np.testing.assert_array_equal(custom, tiny.encode(["Represent this: " + t for t in texts]))
+    assert not np.allclose(custom, tiny.encode(texts))
+    with pytest.raises(ValueError, match="either prompt_name or prompt"):
+        tiny.encode(texts, prompt_name="query", prompt="x: ")
+    with pytest.raises(ValueError, match="valid names: document, query"):
+        tiny.encode(texts, prompt_name="nope")
+
+
+def test_document_titles(tiny):
+    texts = ["body one", "body two", "body three"]
+    got = tiny.encode_document(texts, titles=["First", None, "Third"])
+    want = tiny.encode(["title: First | text: body one", "title: none | text: body two",
+                        "title: Third | text: body three"])
+    np.testing.assert_array_equal(got, want)
+    np.testing.assert_array_equal(tiny.encode_document(texts), tiny.encode(texts, prompt_name="document"))
+    with pytest.raises(ValueError, match="titles has 2 entries for 3 texts"):
+        tiny.encode_document(texts, titles=["a", "b"])
+    with pytest.raises(TypeError, match="title at index 1"):
+        tiny.encode_document(texts, titles=["a", 3, "c"])
+
+
+# --------------------------------------------------------------------------- dimensions, normalisation
+def test_matryoshka_truncation_renormalises(tiny):
+    texts = ["one", "two words", "three little words"]
+    full = tiny.encode(texts)
+    for d in (32, 39):
+        cut = tiny.encode(texts, dimensions=d)
+        assert cut.shape == (3, d)
+        np.testing.assert_allclose(np.linalg.norm(cut, axis=1), 1.0, atol=1e-6)
+        np.testing.assert_allclose(cut, _l2(full[:, :d]), atol=1e-6)
+    raw = tiny.encode(texts, dimensions=32, normalize=False)
+    np.testing.assert_allclose(raw, tiny.encode(texts, normalize=False)[:, :32], atol=1e-6)
+
+
+def test_zero_padding_above_native_size(tiny):
+    full = tiny.encode(["pad me"])
+    for d in (100, 8192):
+        padded = tiny.encode(["pad me"], dimensions=d)
+        assert padded.shape == (1, d)
+        np.testing.assert_array_equal(padded[:, :tiny.dimensions], full)
+        assert not padded[:, tiny.dimensions:].any()
+    np.testing.assert_array_equal(tiny.encode(["pad me"], dimensions=tiny.dimensions), full)
+
+
+@pytest.mark.parametrize("bad", [31, 0, -5, 8193, 10_000, 1.5, "64", True])
+def test_bad_dimensions(tiny, bad):
+    with pytest.raises(ValueError, match="dimensions"):
+        tiny.encode(["x"], dimensions=bad)
+
+
+def test_normalize_false_is_the_dense_output(tiny):
+    raw = tiny.encode(["some text", "other"], normalize=False)
+    norms = np.linalg.norm(raw, axis=1)
+    assert not np.allclose(norms, 1.0, atol=1e-3)
+    np.testing.assert_allclose(_l2(raw), tiny.encode(["some text", "other"]), atol=1e-6)
+
+
+def test_similarity_is_cosine(tiny):
+    a = np.array([[1.0, 0.0], [1.0, 1.0]])
+    b = np.array([[2.0, 0.0], [0.0, 3.0], [-1.0, -1.0]])
+    s = EmbeddingGemma.similarity(a, b)
+    np.testing.assert_allclose(s, [[1, 0, -np.sqrt(0.5)], [np.sqrt(0.5), np.sqrt(0.5), -1]], atol=1e-6)
+    assert EmbeddingGemma.similarity(a[0], b[0]).shape == (1, 1)
+
+
+# --------------------------------------------------------------------------- errors and truncation
+def test_type_errors_name_the_index(tiny):
+    with pytest.raises(TypeError, match="index 2"):
+        tiny.encode(["a", "b", 3])
+    with pytest.raises(TypeError, match="index 0"):
+        tiny.encode([None])
+    with pytest.raises(TypeError):
+        tiny.encode(42)
+
+
+def test_truncation_keeps_eos_and_truncate_false_raises(tiny):
+    limit = tiny.head_config.max_seq_length
+    long = "z" * (limit + 50)
+    ids = tiny.tokenizer.encode([long])[0]
+    assert len(ids) == limit and ids[0] == 2 and ids[-1] == 1
+    np.testing.assert_array_equal(tiny.encode(long), tiny.encode("z" * (limit - 2)))
+    with pytest.raises(ValueError, match="truncate=True"):
+        tiny.encode([long], truncate=False)
+    tiny.encode(["z" * (limit - 2)], truncate=False)  # exactly at the limit is fine
+
+
+def test_float16_is_refused(tiny_folder):
+    with pytest.raises(ValueError, match="overflow"):
+        EmbeddingGemma.from_pretrained(tiny_folder, dtype="float16")
+
+
+def test_compiles_once_per_bucket_shape(tiny_folder):
+    model = EmbeddingGemma.from_pretrained(tiny_folder)
+    rng = np.random.default_rng(3)
+    texts = ["q" * int(n) for n in rng.lognormal(3.0, 1.0, 200).clip(0, 200)]
+    batches = make_batches(model.tokenizer.encode(texts), 16, model.length_buckets)
+    shapes = {b.ids.shape for b in batches}
+    assert len(batches) > len(shapes)  # several batches share a shape
+    model.encode(texts, batch_size=16)
+    assert model.compile_count <= len(shapes)
+    assert len({L for _, L in shapes}) <= len(model.length_buckets)
+    before = model.compile_count
+    model.encode(list(reversed(texts)), batch_size=16)
+    assert model.compile_count == before, "a second call over the same buckets must not recompile"
+
+
+# --------------------------------------------------------------------------- command line
+def _cli(*args, stdin=None):
+    return subprocess.run([sys.executable, "-m", "embeddinggemma_jax.cli", *args], capture_output=True, text=True,
+                          input=stdin, timeout=300)
+
+
+def test_cli_encode_and_demo(tiny_folder, tiny):
+    r = _cli("encode", "hello", "world", "--model", str(tiny_folder), "--dimensions", "32")
+    assert r.returncode == 0, r.stderr
+    out = np.asarray(json.loads(r.stdout))
+    np.testing.assert_allclose(out, tiny.encode(["hello", "world"], dimensions=32), atol=1e-6)
+    r = _cli("encode", "--model", str(tiny_folder), "--prompt-name", "query", "--no-normalize", stdin="a\nb\n")
+    assert r.returncode == 0, r.stderr
+    np.testing.assert_allclose(np.asarray(json.loads(r.stdout)),
+                               tiny.encode(["a", "b"], prompt_name="query", normalize=False), atol=1e-5)
+    r = _cli("demo", "--model", str(tiny_folder))
+    assert r.returncode == 0, r.stderr
+    assert "query embedding shape: (40,)" in r.stdout and "similarities: [" in r.stdout
+
+
+def test_cli_errors_are_one_line(tiny_folder, tmp_path):
+    for args in (["encode", "x", "--model", str(tmp_path / "missing")],
+                 ["encode", "x", "--model", str(tiny_folder), "--dimensions", "5"],
+                 ["encode", "x", "--model", str(tiny_folder), "--prompt-name", "nope"]):
+        r = _cli(*args)
+        assert r.returncode != 0
+        lines = r.stderr.strip().splitlines()
+        assert len(lines) == 1 and "error" in lines[0] and "Traceback" not in r.stderr, r.stderr
+
+
+def test_cli_help_for_every_command():
+    from embeddinggemma_jax.cli import build_parser
+
+    parser = build_parser()
+    sub = next(a for a in parser._actions if a.__class__.__name__ == "_SubParsersAction")
+    assert {"demo", "encode"} <= set(sub.choices)
+    for name in [None, *sub.choices]:
+        r = _cli(*([name] if name else []), "--help")
+        assert r.returncode == 0 and "usage:" in r.stdout, (name, r.stderr)
+
+
+def test_library_never_imports_torch(tiny_folder):
+    code = ("import sys; from embeddinggemma_jax import EmbeddingGemma; "
+            f"m = EmbeddingGemma.from_pretrained({str(tiny_folder)!r}); m.encode(['x']); "
+            "import embeddinggemma_jax.cli; assert 'torch' not in sys.modules, 'torch was imported'")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+
+
+# --------------------------------------------------------------------------- real weights vs sentence-transformers
+REAL_TEXTS = ["How do I bake sourdough bread?", "Les réseaux de neurones apprennent des représentations.",
+              "def add(a, b):\n    return a + b", "量子コンピュータとは何ですか"]
+
+
+def _cos(a, b):
+    return np.sum(_l2(a) * _l2(b), axis=-1)
+
+
+@pytest.mark.real
+def test_real_api_matches_sentence_transformers(real_model, st_model):
+    checks = {
+        "encode_query": (real_model.encode_query(REAL_TEXTS), st_model.encode_query(REAL_TEXTS)),
+        "encode_document": (real_model.encode_document(REAL_TEXTS), st_model.encode_document(REAL_TEXTS)),
+        "prompt_name=STS": (real_model.encode(REAL_TEXTS, prompt_name="STS"),
+                            st_model.encode(REAL_TEXTS, prompt_name="STS")),
+        "prompt=": (real_model.encode(REAL_TEXTS, prompt="Custom instruction: "),
+                    st_model.encode(REAL_TEXTS, prompt="Custom instruction: ")),
+    }
+    for name, (got, ref) in checks.items():
+        assert _cos(got, ref).min() >= 0.99999, name
+    assert set(st_model.prompts) == set(real_model.prompts)
+    assert all(st_model.prompts[k] == v for k, v in real_model.prompts.items())
+
+
+@pytest.mark.real
+def test_real_truncate_dim_matches_sentence_transformers(real_model, st_model):
+    for d in (512, 256, 128):
+        ref = st_model.encode(REAL_TEXTS, truncate_dim=d)  # sliced, not renormalised
+        got = real_model.encode(REAL_TEXTS, dimensions=d)
+        np.testing.assert_allclose(np.linalg.norm(got, axis=1), 1.0, atol=1e-6)
+        assert _cos(got, ref).min() >= 0.99999
+        np.testing.assert_allclose(got, _l2(ref), atol=1e-4)
