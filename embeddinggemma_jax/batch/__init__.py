@@ -1,0 +1,9 @@
+"""The batch embedding job: stream a corpus, embed it on every device of every host, resumably.
+
+``readers`` (jsonl/text/parquet units) -> ``batcher`` (fixed-shape batches) -> ``step`` (sharded,
+jitted encode) -> ``shards`` (atomic shard files) -> ``job`` (the loop, manifest, resume, verify).
+"""
+
+from embeddinggemma_jax.batch.job import EmbedOptions, JobError, VerifyError, run_embed, verify
+
+__all__ = ["EmbedOptions", "JobError", "VerifyError", "run_embed", "verify"]

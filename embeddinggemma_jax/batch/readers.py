@@ -1,0 +1,249 @@
+"""Stream records from jsonl, text or parquet files, cut into fixed work units.
+
+A work unit is ``unit_size`` consecutive lines (jsonl, text) or rows (parquet) of one input file;
+unit ``k`` of file ``f`` is named ``{f:05d}-{k:07d}`` and becomes exactly one output shard. Units
+are a pure function of the input files and ``unit_size``: not of the host count, not of earlier
+runs, so a resumed or re-sharded job finds the same units again.
+
+Hosts share the input by units (``select``): a host parses and tokenises only its own units and
+skips the lines of the others without decoding them. Paths go through ``etils.epath``, so
+``gs://`` works wherever the GCS backend is installed. Memory: one unit at a time.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Callable, Iterator, Sequence
+
+FORMATS = ("jsonl", "text", "parquet")
+
+
+class InputError(ValueError):
+    """An input cannot be read at all (missing file, missing parquet column, unknown format)."""
+
+
+class BadRecordError(ValueError):
+    """A malformed record with ``--on-bad-record fail``: names the file and line."""
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    paths: tuple[str, ...]
+    format: str
+    text_field: str = "text"
+    id_field: str | None = None
+    title_field: str | None = None
+    unit_size: int = 16384
+
+    def options(self) -> dict:
+        return {"inputs": list(self.paths), "format": self.format, "text_field": self.text_field,
+                "id_field": self.id_field, "title_field": self.title_field, "unit_size": self.unit_size}
+
+
+@dataclass
+class Record:
+    id: str | int
+    text: str
+    title: str | None
+    line: int  # 1-based line (jsonl, text) or row (parquet) in its file
+
+
+@dataclass
+class BadRecord:
+    line: int
+    error: str
+
+    def to_json(self, path: str) -> dict:
+        return {"file": path, "line": self.line, "error": self.error}
+
+
+@dataclass
+class Unit:
+    file_index: int
+    unit_index: int
+    path: str
+    first_line: int
+    last_line: int
+    selected: bool
+    records: list[Record] = field(default_factory=list)
+    bad: list[BadRecord] = field(default_factory=list)
+    blank: int = 0  # blank lines (not records)
+    bytes_done: int = 0  # input bytes up to the end of this unit, over all files (progress)
+
+    @property
+    def name(self) -> str:
+        return unit_name(self.file_index, self.unit_index)
+
+
+def unit_name(file_index: int, unit_index: int) -> str:
+    return f"{file_index:05d}-{unit_index:07d}"
+
+
+def infer_format(paths: Sequence[str]) -> str:
+    def one(p: str) -> str:
+        p = p.lower()
+        if p.endswith((".jsonl", ".json", ".ndjson")):
+            return "jsonl"
+        if p.endswith((".parquet", ".pq")):
+            return "parquet"
+        return "text"
+
+    kinds = {one(p) for p in paths}
+    if len(kinds) > 1:
+        raise InputError(f"inputs mix formats ({', '.join(sorted(kinds))}); pass --format or split the job")
+    return kinds.pop()
+
+
+def _epath(p: str):
+    from etils import epath
+
+    return epath.Path(p)
+
+
+def input_sizes(paths: Sequence[str]) -> list[int]:
+    out = []
+    for p in paths:
+        path = _epath(p)
+        if not path.exists():
+            raise InputError(f"input {p} does not exist; check the path (local, or gs://bucket/... with gcsfs)")
+        if path.is_dir():
+            raise InputError(f"input {p} is a folder; pass the files inside it (a shell glob works)")
+        out.append(int(path.stat().length))
+    return out
+
+
+def _check_id(v, what: str):
+    if isinstance(v, bool) or not isinstance(v, (str, int)):
+        raise ValueError(f"{what} must be a string or an integer, got {type(v).__name__}")
+    return v
+
+
+def _check_title(v):
+    if v is not None and not isinstance(v, str):
+        raise ValueError(f"title must be a string or null, got {type(v).__name__}")
+    return v
+
+
+def parse_line(raw: bytes, line: int, path: str, spec: InputSpec) -> Record | None:
+    """One line -> a Record, None for a blank line; raises ValueError naming what is wrong."""
+    try:
+        s = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"not valid UTF-8 ({e.reason} at byte {e.start})") from None
+    s = s.rstrip("\n").rstrip("\r")
+    if not s.strip():
+        return None
+    if spec.format == "text":
+        return Record(f"{path}:{line}", s, None, line)
+    try:
+        obj = json.loads(s)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"invalid JSON ({e.msg} at column {e.colno})") from None
+    if not isinstance(obj, dict):
+        raise ValueError(f"a JSON line must be an object, got {type(obj).__name__}")
+    return _from_fields(obj.get, lambda k: k in obj, line, path, spec)
+
+
+def _from_fields(get, has, line: int, path: str, spec: InputSpec) -> Record:
+    if not has(spec.text_field):
+        raise ValueError(f"field {spec.text_field!r} is missing (set --text-field)")
+    text = get(spec.text_field)
+    if not isinstance(text, str):
+        raise ValueError(f"field {spec.text_field!r} must be a string, got {type(text).__name__}")
+    if spec.id_field is None:
+        rid = f"{path}:{line}"
+    else:
+        if not has(spec.id_field) or get(spec.id_field) is None:
+            raise ValueError(f"id field {spec.id_field!r} is missing")
+        rid = _check_id(get(spec.id_field), f"id field {spec.id_field!r}")
+    title = _check_title(get(spec.title_field)) if spec.title_field and has(spec.title_field) else None
+    return Record(rid, text, title, line)
+
+
+def iter_units(spec: InputSpec, select: Callable[[int, int], bool] = lambda f, k: True) -> Iterator[Unit]:
+    """Every unit of every input in order; units where ``select(file_index, unit_index)`` is false
+    come back with ``selected=False`` and no records (their lines are skipped, not parsed)."""
+    sizes = input_sizes(spec.paths)
+    base = 0
+    for f, path in enumerate(spec.paths):
+        if spec.format == "parquet":
+            yield from _parquet_units(f, path, spec, select, base, sizes[f])
+        else:
+            yield from _line_units(f, path, spec, select, base)
+        base += sizes[f]
+
+
+def _line_units(f: int, path: str, spec: InputSpec, select, base: int) -> Iterator[Unit]:
+    N = spec.unit_size
+    with _epath(path).open("rb") as fh:
+        k, line, pos = 0, 0, 0
+        unit = None
+        for raw in fh:
+            line += 1
+            pos += len(raw)
+            if unit is None:
+                unit = Unit(f, k, path, line, line, select(f, k))
+            unit.last_line = line
+            if unit.selected:
+                try:
+                    rec = parse_line(raw, line, path, spec)
+                except ValueError as e:
+                    unit.bad.append(BadRecord(line, str(e)))
+                else:
+                    if rec is None:
+                        unit.blank += 1
+                    else:
+                        unit.records.append(rec)
+            if line % N == 0:
+                unit.bytes_done = base + pos
+                yield unit
+                unit, k = None, k + 1
+        if unit is not None:
+            unit.bytes_done = base + pos
+            yield unit
+
+
+def _parquet_units(f: int, path: str, spec: InputSpec, select, base: int, size: int) -> Iterator[Unit]:
+    import pyarrow.parquet as pq
+
+    with _epath(path).open("rb") as fh:
+        pf = pq.ParquetFile(fh)
+        names = set(pf.schema_arrow.names)
+        wanted = [c for c in (spec.text_field, spec.id_field, spec.title_field) if c]
+        missing = [c for c in wanted if c not in names]
+        if missing:
+            raise InputError(f"{path}: column(s) {', '.join(missing)} not found; columns are "
+                             f"{', '.join(sorted(names))} (set --text-field/--id-field/--title-field)")
+        total = max(1, pf.metadata.num_rows)
+        N = spec.unit_size
+        k, row = 0, 0
+        for rb in pf.iter_batches(batch_size=N, columns=sorted(set(wanted))):
+            # iter_batches may return shorter batches at row-group ends: re-cut to exact units of N rows.
+            cols = None
+            n = rb.num_rows
+            start = 0
+            while start < n:
+                if row % N == 0:
+                    unit = Unit(f, k, path, row + 1, row + 1, select(f, k))
+                take = min(n - start, N - row % N)
+                if unit.selected:
+                    if cols is None:
+                        cols = {c: rb.column(c).to_pylist() for c in set(wanted)}
+                    for j in range(start, start + take):
+                        line = row + 1 + (j - start)
+                        try:
+                            unit.records.append(_from_fields(lambda c: cols[c][j], lambda c: c in cols, line, path, spec))
+                        except ValueError as e:
+                            unit.bad.append(BadRecord(line, str(e)))
+                row += take
+                start += take
+                unit.last_line = row
+                if row % N == 0 or row == pf.metadata.num_rows:
+                    unit.bytes_done = base + int(size * row / total)
+                    yield unit
+                    k += 1
+
+
+__all__ = ["FORMATS", "InputSpec", "Record", "BadRecord", "Unit", "InputError", "BadRecordError", "iter_units",
+           "infer_format", "input_sizes", "unit_name", "parse_line"]

@@ -1,0 +1,346 @@
+"""The batch embedding job: readers, batcher, shards, resume after SIGKILL, multi-device and
+multi-process equality, verify, padding efficiency on a long-tailed corpus."""
+
+from __future__ import annotations
+
+import ast
+import glob
+import json
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import sysconfig
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from embeddinggemma_jax.batch import shards
+from embeddinggemma_jax.batch.batcher import allowed_rows, pad_batch, padding_efficiency, plan_batches
+from embeddinggemma_jax.batch.job import EmbedOptions, JobError, VerifyError, run_embed, verify
+from embeddinggemma_jax.batch.readers import BadRecordError, InputSpec, iter_units
+
+ROOT = Path(__file__).resolve().parents[1]
+# Few batch shapes (compilation dominates the tiny model's run time): two buckets, no shrinking.
+FAST = dict(buckets=(64, 128), shrink=False, tokens_per_device=128, unit_size=16, progress=False)
+FAST_ARGS = ["--buckets", "64,128", "--no-shrink", "--tokens-per-device", "128", "--unit-size", "16", "--no-progress"]
+
+
+def write_corpus(path: Path, n: int = 60, seed: int = 0, bad_lines: tuple[int, ...] = ()) -> Path:
+    """jsonl with long-tailed text lengths, ids and some titles; bad_lines (1-based) are malformed."""
+    r = random.Random(seed)
+    words = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu".split()
+    with open(path, "w") as f:
+        for i in range(1, n + 1):
+            if i in bad_lines:
+                f.write('{"id": "broken", "text": \n' if i % 2 else '{"id": 7}\n')
+                continue
+            k = min(20, int(r.paretovariate(1.3)))
+            rec = {"id": f"doc-{i}", "text": " ".join(r.choice(words) for _ in range(k))}
+            if i % 3 == 0:
+                rec["title"] = f"title {i}"
+            f.write(json.dumps(rec) + "\n")
+    return path
+
+
+def env_for(devices: int, cache: Path) -> dict:
+    env = dict(os.environ, PYTHONPATH=str(ROOT), XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+               JAX_PLATFORMS="cpu", JAX_COMPILATION_CACHE_DIR=str(cache),
+               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+    return env
+
+
+def cli(*args) -> list[str]:
+    return [sys.executable, "-m", "embeddinggemma_jax.cli", *map(str, args)]
+
+
+def output_files(out: Path) -> dict[str, bytes]:
+    return {p.relative_to(out).as_posix(): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    return write_corpus(tmp_path_factory.mktemp("corpus") / "docs.jsonl")
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("xla-cache")
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_folder, corpus, tmp_path_factory):
+    """One uninterrupted, single-device run (in this process)."""
+    out = tmp_path_factory.mktemp("ref") / "out"
+    summary = run_embed(EmbedOptions(model=str(tiny_folder), inputs=[str(corpus)], output=str(out), id_field="id",
+                                     title_field="title", **FAST))
+    return out, summary
+
+
+# ------------------------------------------------------------------------------------------ readers
+def test_units_are_fixed_line_ranges_and_bad_records_are_named(tmp_path):
+    p = write_corpus(tmp_path / "c.jsonl", n=23, bad_lines=(5, 18))
+    with open(p, "a") as f:
+        f.write("\n")  # a blank line: counted, not a record
+    spec = InputSpec((str(p),), "jsonl", id_field="id", unit_size=10)
+    units = list(iter_units(spec))
+    assert [(u.first_line, u.last_line) for u in units] == [(1, 10), (11, 20), (21, 24)]
+    assert [len(u.records) for u in units] == [9, 9, 3]
+    assert [b.line for u in units for b in u.bad] == [5, 18]
+    assert "invalid JSON" in units[0].bad[0].error and "'text' is missing" in units[1].bad[0].error
+    assert units[2].blank == 1
+    # host selection: unselected units are skipped without parsing
+    sel = list(iter_units(spec, lambda f, k: k == 1))
+    assert [u.selected for u in sel] == [False, True, False] and sel[0].records == [] and len(sel[1].records) == 9
+
+
+def test_text_and_parquet_inputs(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    t = tmp_path / "a.txt"
+    t.write_bytes(b"first line\n\nthird\r\n\xff bad utf8\n")
+    (u,) = iter_units(InputSpec((str(t),), "text"))
+    assert [(r.id, r.text) for r in u.records] == [(f"{t}:1", "first line"), (f"{t}:3", "third")]
+    assert u.blank == 1 and u.bad[0].line == 4 and "UTF-8" in u.bad[0].error
+
+    q = tmp_path / "b.parquet"
+    pq.write_table(pa.table({"body": ["x", None, "z", "w", "v"], "key": [1, 2, 3, 4, 5]}), q, row_group_size=2)
+    units = list(iter_units(InputSpec((str(q),), "parquet", text_field="body", id_field="key", unit_size=3)))
+    assert [[r.id for r in u.records] for u in units] == [[1, 3], [4, 5]]
+    assert [(u.first_line, u.last_line) for u in units] == [(1, 3), (4, 5)]
+    assert units[0].bad[0].line == 2
+    with pytest.raises(ValueError, match="column"):
+        list(iter_units(InputSpec((str(q),), "parquet", text_field="text")))
+
+
+# ------------------------------------------------------------------------------------------ batcher
+def test_plan_batches_places_every_record_once_in_fixed_shapes():
+    rng = np.random.default_rng(0)
+    lengths = np.minimum(2048, (rng.pareto(1.2, 3000) * 20 + 5).astype(int)).tolist()
+    buckets = (16, 32, 64, 128, 256, 512, 1024, 2048)
+    rows_for = {L: max(8, 4096 // L // 8 * 8) for L in buckets}
+    for shrink in (False, True):
+        plan = plan_batches(lengths, buckets, rows_for.__getitem__, shrink=shrink, row_multiple=8)
+        idx = np.concatenate([b.index for b in plan])
+        assert sorted(idx.tolist()) == list(range(len(lengths)))
+        for b in plan:
+            assert b.rows in allowed_rows(rows_for[b.length], 8) and b.rows % 8 == 0
+            assert max(lengths[i] for i in b.index) <= b.length and len(b.index) <= b.rows
+            if not shrink:
+                assert b.rows == rows_for[b.length]
+        assert sum(len(b.index) < b.rows for b in plan) <= (len(buckets) if shrink else 1)
+    ids, mask = pad_batch([[5, 6, 7], [8]], plan_batches([3, 1], (4,), lambda L: 2)[0], pad_id=0)
+    assert ids.tolist() == [[5, 6, 7, 0], [8, 0, 0, 0]] and mask.sum() == 4
+
+
+def stdlib_docstrings() -> list[str]:
+    docs = []
+    for f in sorted(glob.glob(os.path.join(sysconfig.get_paths()["stdlib"], "*.py"))):
+        try:
+            tree = ast.parse(Path(f).read_text(encoding="utf-8"))
+        except (SyntaxError, UnicodeDecodeError):
+            continue
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+                d = ast.get_docstring(node)
+                if d:
+                    docs.append(d)
+    return docs
+
+
+@pytest.mark.real
+def test_padding_efficiency_on_stdlib_docstrings(real_folder):
+    """Long-tailed lengths (median ~30 tokens, max ~1450) with the real tokenizer, batched as the
+    v5litepod-1 job does (its buckets and rows per chip)."""
+    from embeddinggemma_jax import topologies
+    from embeddinggemma_jax.tokenize import TextTokenizer
+
+    docs = stdlib_docstrings()
+    assert len(docs) > 2000
+    tok = TextTokenizer(Path(real_folder) / "tokenizer.json", 2048)
+    lengths = [len(t) for t in tok.encode(["title: none | text: " + d for d in docs])]
+    assert max(lengths) > 20 * int(np.median(lengths))  # the long tail is there
+    topo = topologies.get("v5litepod-1")
+    plan = plan_batches(lengths, topo.buckets, topo.rows_per_chip.__getitem__, shrink=True)
+    eff = padding_efficiency(lengths, plan)
+    print(f"padding efficiency on {len(docs)} stdlib docstrings: {eff:.4f} ({len(plan)} batches)")
+    assert eff >= 0.85
+
+
+# ------------------------------------------------------------------------------------------ the job
+def test_job_matches_encode_document_and_writes_a_verifiable_output(tiny_folder, corpus, reference):
+    from embeddinggemma_jax import EmbeddingGemma
+
+    out, summary = reference
+    ids, emb = shards.load_all(out)
+    recs = [json.loads(line) for line in corpus.read_text().splitlines()]
+    assert ids == [r["id"] for r in recs]
+    model = EmbeddingGemma.from_pretrained(tiny_folder)
+    want = model.encode_document([r["text"] for r in recs], titles=[r.get("title") for r in recs])
+    assert np.abs(emb - want).max() <= 1e-6
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["counts"]["records"] == len(recs) and manifest["counts"]["shards"] == 4
+    assert manifest["model"]["sha256"] and len(manifest["shards"]) == 4
+    assert summary["compile_seconds"] > 0 and summary["compiled_shapes"] <= 2
+    assert 0 < summary["padding_efficiency_this_run"] <= 1
+    assert verify(str(out)) == {"records": len(recs), "bad_records": 0, "shards": 4}
+
+
+def test_verify_catches_missing_tampered_and_extra_shards(reference, tmp_path):
+    import shutil
+
+    src, _ = reference
+    for damage, message in [
+        (lambda d: (d / "shards/00000-0000001.json").unlink(), "no metadata"),
+        (lambda d: (d / "shards/00000-0000002.ids.jsonl").write_text('"doc-1"\n'), "checksum"),
+        (lambda d: shutil.copy(d / "shards/00000-0000000.npy", d / "shards/00000-0000009.npy"), "no input unit"),
+        (lambda d: (d / "manifest.json").unlink(), "has not finished"),
+    ]:
+        d = tmp_path / f"copy{message[:4]}"
+        shutil.copytree(src, d)
+        damage(d)
+        with pytest.raises(VerifyError, match=message):
+            verify(str(d))
+
+
+def test_bad_records_fail_with_file_and_line_or_go_to_errors(tiny_folder, tmp_path):
+    from embeddinggemma_jax.cli import main
+
+    p = write_corpus(tmp_path / "bad.jsonl", n=20, bad_lines=(7, 12))
+    with pytest.raises(BadRecordError, match=rf"{p}:7: invalid JSON"):
+        run_embed(EmbedOptions(model=str(tiny_folder), inputs=[str(p)], output=str(tmp_path / "o1"),
+                               id_field="id", **FAST))
+    assert main(["embed", "--model", str(tiny_folder), "--input", str(p), "--output", str(tmp_path / "o1"),
+                 "--id-field", "id", *FAST_ARGS]) == 1
+
+    out = tmp_path / "o2"
+    run_embed(EmbedOptions(model=str(tiny_folder), inputs=[str(p)], output=str(out), id_field="id",
+                           on_bad_record="skip", **FAST))
+    errors = [json.loads(line) for line in (out / "errors.jsonl").read_text().splitlines()]
+    assert [(e["file"], e["line"]) for e in errors] == [(str(p), 7), (str(p), 12)]
+    assert "'text' is missing" in errors[1]["error"]
+    assert json.loads((out / "manifest.json").read_text())["counts"]["bad_records"] == 2
+    assert verify(str(out), [str(p)])["records"] == 18
+    # resuming into the same folder with other settings is refused, naming the setting
+    with pytest.raises(JobError, match="dimensions"):
+        run_embed(EmbedOptions(model=str(tiny_folder), inputs=[str(p)], output=str(out), id_field="id",
+                               on_bad_record="skip", dimensions=32, **FAST))
+
+
+def test_same_embeddings_on_8_device_meshes(tiny_folder, corpus, reference, cache, tmp_path):
+    """(8,1), (4,2), (2,4) meshes of 8 CPU devices against the single-device run."""
+    script = (
+        "import sys, json\n"
+        "from embeddinggemma_jax.batch.job import EmbedOptions, run_embed\n"
+        "import jax; assert jax.device_count() == 8\n"
+        "for shape in [(8, 1), (4, 2), (2, 4)]:\n"
+        f"    run_embed(EmbedOptions(model={str(tiny_folder)!r}, inputs=[{str(corpus)!r}], id_field='id',"
+        f" title_field='title', output={str(tmp_path)!r} + f'/m{{shape[0]}}x{{shape[1]}}', mesh=shape,"
+        f" **{FAST!r}))\n")
+    r = subprocess.run([sys.executable, "-c", script], env=env_for(8, cache), capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    ref_ids, ref = shards.load_all(reference[0])
+    for shape in ["8x1", "4x2", "2x4"]:
+        ids, emb = shards.load_all(tmp_path / f"m{shape}")
+        assert ids == ref_ids
+        assert np.abs(emb - ref).max() <= 1e-6, shape
+        assert json.loads((tmp_path / f"m{shape}/manifest.json").read_text())["options"]["mesh"] == \
+            [int(x) for x in shape.split("x")]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_two_processes_equal_one(tiny_folder, corpus, reference, cache, tmp_path):
+    """Two jax.distributed processes (gloo, 4 CPU devices each) write the same (id, embedding) set."""
+    out = tmp_path / "two"
+    port = _free_port()
+    procs = [subprocess.Popen(cli("embed", "--model", tiny_folder, "--input", corpus, "--output", out,
+                                  "--id-field", "id", "--title-field", "title", *FAST_ARGS,
+                                  "--coordinator", f"127.0.0.1:{port}", "--num-processes", 2, "--process-id", i),
+                              env=env_for(4, cache), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for i in range(2)]
+    try:
+        results = [p.communicate(timeout=300) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    for p, (_, err) in zip(procs, results):
+        assert p.returncode == 0, err[-3000:]
+    metas = [json.loads(p.read_text()) for p in sorted((out / "shards").glob("*[0-9].json"))]
+    assert len(metas) == 4
+    ref_ids, ref = shards.load_all(reference[0])
+    ids, emb = shards.load_all(out)
+    assert sorted(ids) == sorted(ref_ids) and len(set(ids)) == len(ids)
+    got = dict(zip(ids, emb))
+    assert max(np.abs(got[i] - e).max() for i, e in zip(ref_ids, ref)) <= 1e-6
+    assert verify(str(out))["records"] == len(ref_ids)
+    assert "embedded" in results[0][1] and "padding efficiency" in results[0][1]
+
+
+@pytest.mark.slow
+def test_sigkill_at_random_points_then_resume_is_identical(tiny_folder, cache, tmp_path):
+    """kill -9 after k shards (k random in each third of the run, plus once before any shard),
+    rerun the same command, compare every output byte with an uninterrupted run."""
+    corpus = write_corpus(tmp_path / "c.jsonl", n=120, seed=3, bad_lines=(30, 77))
+    args = ["--model", tiny_folder, "--input", corpus, "--id-field", "id", "--title-field", "title",
+            "--on-bad-record", "skip", *FAST_ARGS]
+    env = env_for(1, cache)
+    ref = tmp_path / "ref"
+    subprocess.run(cli("embed", *args, "--output", ref), env=env, check=True, capture_output=True, timeout=300)
+    expected = output_files(ref)
+    n_units = sum(1 for k in expected if k.endswith(".npy"))
+    assert n_units == 8
+    rng = random.Random(1234)
+    kill_points = [0, rng.randint(1, 3), rng.randint(3, 5), rng.randint(6, 7)]
+    for k in kill_points:
+        out = tmp_path / f"kill{k}"
+        p = subprocess.Popen(cli("embed", *args, "--output", out), env=env, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL)
+        deadline = time.time() + 240
+        while time.time() < deadline and p.poll() is None:
+            done = len(list((out / "shards").glob("*[0-9].json"))) if (out / "shards").exists() else 0
+            if done >= k and (k > 0 or (out / "job.json").exists()):
+                time.sleep(rng.uniform(0, 0.05))
+                p.send_signal(signal.SIGKILL)
+                break
+            time.sleep(0.002)
+        p.wait(timeout=60)
+        assert p.returncode == -signal.SIGKILL, f"the run ended before the kill point {k}"
+        assert not (out / "manifest.json").exists()
+        r = subprocess.run(cli("embed", *args, "--output", out, "--json"), env=env, capture_output=True,
+                           text=True, timeout=300)
+        assert r.returncode == 0, r.stderr[-3000:]
+        summary = json.loads(r.stdout)
+        assert summary["units_skipped"] >= k and summary["units_done"] + summary["units_skipped"] == n_units
+        assert output_files(out) == expected, f"kill after {k} shards"
+        v = subprocess.run(cli("verify", out, "--input", corpus), env=env, capture_output=True, text=True)
+        assert v.returncode == 0 and "118 records" in v.stdout, v.stderr
+
+
+@pytest.mark.real
+def test_real_weights_small_job_matches_sentence_transformers(real_folder, st_model, tmp_path):
+    texts = ["Mars is known as the Red Planet.", "The mitochondria is the powerhouse of the cell.",
+             "def add(a, b): return a + b", "Paris est la capitale de la France.", "short"]
+    p = tmp_path / "in.txt"
+    p.write_text("\n".join(texts) + "\n")
+    out = tmp_path / "out"
+    summary = run_embed(EmbedOptions(model=str(real_folder), inputs=[str(p)], output=str(out), dtype="float32",
+                                     buckets=(16, 32), shrink=False, progress=False))
+    ids, emb = shards.load_all(out)
+    assert ids == [f"{p}:{i}" for i in range(1, 6)] and summary["records"] == 5
+    ref = st_model.encode(texts, prompt_name="document", convert_to_numpy=True)
+    cos = (emb * ref).sum(1) / np.linalg.norm(ref, axis=1)
+    assert cos.min() >= 0.99999, cos
+    assert verify(str(out))["records"] == 5
