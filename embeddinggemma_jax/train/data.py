@@ -1,0 +1,196 @@
+"""Training pairs from JSONL: streamed, shuffled with a seed, resumable at any position.
+
+One record per line: ``{"query": ..., "positive": ..., "negative": ...}`` (the negative is optional,
+field names configurable). The query and document prompts are applied exactly as at inference
+(``prompts["query"]`` before the query, ``prompts["document"]`` before positives and negatives),
+so the model is trained on the strings it will see when it is used.
+
+Streaming: the file is indexed once by byte offset (8 bytes per record) and records are read on
+demand, so a pair file larger than memory works. The order of epoch ``e`` is a permutation drawn
+from ``(seed, e)``; the position ``(epoch, index)`` is all a checkpoint needs to resume the stream.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import numpy as np
+
+from embeddinggemma_jax.tokenize import bucket_length, buckets_for
+
+
+@dataclass(frozen=True)
+class Fields:
+    query: str = "query"
+    positive: str = "positive"
+    negative: str | None = "negative"  # None: ignore negatives even when present
+
+
+@dataclass
+class Position:
+    """Where the stream is: the next record is number ``index`` of epoch ``epoch``'s permutation."""
+
+    epoch: int = 0
+    index: int = 0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Position":
+        return cls(int(d["epoch"]), int(d["index"]))
+
+
+@dataclass
+class TextBatch:
+    queries: list[str]
+    positives: list[str]
+    negatives: list[str] | None  # one per query, or None
+
+
+@dataclass
+class TokenBatch:
+    """Fixed-shape token arrays; leading axis = gradient-accumulation micro-batches."""
+
+    query_ids: np.ndarray  # [A, B, Lq] int32
+    query_mask: np.ndarray
+    doc_ids: np.ndarray  # [A, B * (1 + n_neg), Ld]: the B positives, then the B negatives
+    doc_mask: np.ndarray
+
+    def arrays(self) -> tuple[np.ndarray, ...]:
+        return self.query_ids, self.query_mask, self.doc_ids, self.doc_mask
+
+
+class PairFile:
+    """Random access to the records of a JSONL pair file through a byte-offset index."""
+
+    def __init__(self, path: str | Path, fields: Fields = Fields()):
+        self.path = Path(path)
+        self.fields = fields
+        if not self.path.is_file():
+            raise FileNotFoundError(f"pair file {self.path} does not exist; pass a JSONL file with one "
+                                    f'{{"{fields.query}": ..., "{fields.positive}": ...}} object per line')
+        offsets = []
+        with open(self.path, "rb") as f:
+            pos = 0
+            for line in f:
+                if line.strip():
+                    offsets.append(pos)
+                pos += len(line)
+        if not offsets:
+            raise ValueError(f"pair file {self.path} has no records")
+        self.offsets = np.asarray(offsets, np.int64)
+        self._f = open(self.path, "rb")
+
+    def __len__(self) -> int:
+        return len(self.offsets)
+
+    def record(self, i: int) -> tuple[str, str, str | None]:
+        self._f.seek(int(self.offsets[i]))
+        line = self._f.readline()
+        where = f"{self.path} record {i + 1}"
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{where} is not valid JSON ({e.msg}); write one JSON object per line") from None
+        if not isinstance(obj, dict):
+            raise ValueError(f"{where} is a JSON {type(obj).__name__}, not an object")
+        f = self.fields
+        out = []
+        for name, required in ((f.query, True), (f.positive, True), (f.negative, False)):
+            if name is None or (not required and name not in obj):
+                out.append(None)
+                continue
+            if name not in obj:
+                raise ValueError(f"{where} has no field {name!r} (fields: {', '.join(sorted(obj))}); "
+                                 f"name the fields with --query-field/--positive-field/--negative-field")
+            if not isinstance(obj[name], str):
+                raise ValueError(f"{where}: field {name!r} is {type(obj[name]).__name__}, not a string")
+            out.append(obj[name])
+        return out[0], out[1], out[2]
+
+    def all_records(self) -> list[tuple[str, str, str | None]]:
+        return [self.record(i) for i in range(len(self))]
+
+
+def epoch_order(n: int, seed: int, epoch: int) -> np.ndarray:
+    return np.random.default_rng([seed, epoch]).permutation(n)
+
+
+class PairStream:
+    """Endless stream of shuffled text batches; ``position`` says where it is and restores it."""
+
+    def __init__(self, pairs: PairFile, batch_size: int, seed: int = 0, position: Position | None = None):
+        if batch_size < 2:
+            raise ValueError(f"batch_size must be >= 2 for in-batch negatives, got {batch_size}")
+        if batch_size > len(pairs):
+            raise ValueError(f"batch_size {batch_size} is larger than the pair file ({len(pairs)} records)")
+        self.pairs, self.batch_size, self.seed = pairs, batch_size, seed
+        self.position = position or Position()
+        self._order = None
+
+    def _perm(self, epoch):
+        if self._order is None or self._order[0] != epoch:
+            self._order = (epoch, epoch_order(len(self.pairs), self.seed, epoch))
+        return self._order[1]
+
+    def next_batch(self) -> TextBatch:
+        """The next ``batch_size`` records; an epoch's leftover (< batch_size) is dropped."""
+        p = self.position
+        if p.index + self.batch_size > len(self.pairs):
+            p = self.position = Position(p.epoch + 1, 0)
+        idx = self._perm(p.epoch)[p.index:p.index + self.batch_size]
+        self.position = Position(p.epoch, p.index + self.batch_size)
+        recs = [self.pairs.record(int(i)) for i in idx]
+        negs = [r[2] for r in recs]
+        if any(n is None for n in negs) and any(n is not None for n in negs):
+            raise ValueError(f"{self.pairs.path}: some records have a negative and some do not; give every record "
+                             "a negative, or none (or pass --negative-field '' to ignore them)")
+        return TextBatch([r[0] for r in recs], [r[1] for r in recs], None if negs[0] is None else negs)
+
+    def __iter__(self) -> Iterator[TextBatch]:
+        while True:
+            yield self.next_batch()
+
+
+class BatchEncoder:
+    """Texts -> prompted token ids -> fixed-shape padded arrays (lengths rounded up to buckets)."""
+
+    def __init__(self, tokenizer, prompts: dict[str, str], max_length: int, buckets: Sequence[int],
+                 query_prompt: str = "query", document_prompt: str = "document"):
+        for name in (query_prompt, document_prompt):
+            if name and name not in prompts:
+                raise ValueError(f"the model has no prompt named {name!r} (it has: {', '.join(sorted(prompts))})")
+        self.tokenizer = tokenizer
+        self.query_prefix = prompts[query_prompt] if query_prompt else ""
+        self.doc_prefix = prompts[document_prompt] if document_prompt else ""
+        self.max_length = min(max_length, tokenizer.max_length)
+        self.buckets = buckets_for(self.max_length, buckets)
+
+    def ids(self, texts: list[str], prefix: str) -> list[list[int]]:
+        ids = self.tokenizer.encode([prefix + t for t in texts], truncate=True)
+        eos = self.tokenizer.eos_id
+        return [x if len(x) <= self.max_length else x[:self.max_length - 1] + [eos] for x in ids]
+
+    def pad(self, seqs: list[list[list[int]]]) -> tuple[np.ndarray, np.ndarray]:
+        """[A][rows][tokens] -> ids, mask [A, rows, L] with L the bucket of the longest sequence."""
+        L = bucket_length(max(len(s) for group in seqs for s in group), self.buckets)
+        ids = np.full((len(seqs), len(seqs[0]), L), self.tokenizer.pad_id, np.int32)
+        mask = np.zeros_like(ids)
+        for a, group in enumerate(seqs):
+            for r, s in enumerate(group):
+                ids[a, r, :len(s)] = s
+                mask[a, r, :len(s)] = 1
+        return ids, mask
+
+    def encode(self, micro: list[TextBatch]) -> TokenBatch:
+        if len({b.negatives is None for b in micro}) > 1:
+            raise ValueError("micro-batches of one step mix records with and without negatives")
+        q = [self.ids(b.queries, self.query_prefix) for b in micro]
+        d = [self.ids(b.positives + (b.negatives or []), self.doc_prefix) for b in micro]
+        qi, qm = self.pad(q)
+        di, dm = self.pad(d)
+        return TokenBatch(qi, qm, di, dm)

@@ -1,0 +1,95 @@
+"""Retrieval evaluation on held-out pairs: each query against the corpus of all distinct positives.
+
+Metrics per Matryoshka dimension (embeddings truncated to d, then re-normalised): recall@1,
+recall@10, MRR@10 and nDCG@10 (one relevant document per query, so the ideal DCG is 1). Ties
+count against the gold document (rank = number of documents scoring at least as high as it,
+itself included), so a constant model cannot score well.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+
+from embeddinggemma_jax.tokenize import make_batches
+
+METRICS = ("recall@1", "recall@10", "mrr@10", "ndcg@10")
+
+
+def gold_ranks(q: np.ndarray, docs: np.ndarray, gold: np.ndarray) -> np.ndarray:
+    """1-based rank of each query's gold document; ties are broken against the gold document."""
+    scores = q @ docs.T  # [n, m]
+    g = scores[np.arange(len(q)), gold][:, None]
+    higher_or_equal = (scores >= g).sum(axis=1)  # includes the gold document itself
+    return higher_or_equal
+
+
+def metrics_from_ranks(ranks: np.ndarray) -> dict[str, float]:
+    top10 = ranks <= 10
+    return {"recall@1": float(np.mean(ranks == 1)),
+            "recall@10": float(np.mean(top10)),
+            "mrr@10": float(np.mean(np.where(top10, 1.0 / ranks, 0.0))),
+            "ndcg@10": float(np.mean(np.where(top10, 1.0 / np.log2(ranks + 1.0), 0.0)))}
+
+
+def _normalize(x):
+    return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
+
+
+def retrieval_metrics(q_raw: np.ndarray, d_raw: np.ndarray, gold: np.ndarray, dims: Sequence[int]) -> dict:
+    """{dim: {metric: value}} from unnormalised query and document embeddings."""
+    return {int(d): metrics_from_ranks(gold_ranks(_normalize(q_raw[:, :d]), _normalize(d_raw[:, :d]), gold))
+            for d in dims}
+
+
+class PairEvaluator:
+    """Embeds a held-out pair file's queries and distinct positives with the training prompts."""
+
+    def __init__(self, records, encoder, dims: Sequence[int], batch_size: int = 32, max_pairs: int | None = None):
+        records = list(records)[:max_pairs] if max_pairs else list(records)
+        self.queries = [r[0] for r in records]
+        corpus: dict[str, int] = {}
+        gold = []
+        for r in records:
+            gold.append(corpus.setdefault(r[1], len(corpus)))
+        self.docs = list(corpus)
+        self.gold = np.asarray(gold)
+        self.encoder, self.dims, self.batch_size = encoder, tuple(dims), batch_size
+        self.q_ids = encoder.ids(self.queries, encoder.query_prefix)
+        self.d_ids = encoder.ids(self.docs, encoder.doc_prefix)
+
+    def _embed(self, forward: Callable, ids) -> np.ndarray:
+        out = None
+        for b in make_batches(ids, self.batch_size, self.encoder.buckets, self.encoder.tokenizer.pad_id):
+            e = np.asarray(forward(b.ids, b.mask), np.float32)[:len(b.index)]
+            if out is None:
+                out = np.zeros((len(ids), e.shape[-1]), np.float32)
+            out[b.index] = e
+        return out
+
+    def evaluate(self, forward: Callable) -> dict:
+        """``forward(ids, mask) -> [B, out]`` unnormalised; returns {dim: {metric: value}}."""
+        return retrieval_metrics(self._embed(forward, self.q_ids), self._embed(forward, self.d_ids), self.gold,
+                                 self.dims)
+
+
+def format_metrics(m: dict) -> str:
+    return "  ".join(f"d={d}: " + " ".join(f"{k}={v:.3f}" for k, v in vals.items()) for d, vals in m.items())
+
+
+class MetricsLog:
+    """Append-only JSONL: one object per logged step or evaluation (flushed per line)."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+
+    def write(self, **record) -> None:
+        record.setdefault("time", time.time())
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+            f.flush()

@@ -1,0 +1,317 @@
+"""Fine-tuning: loss and gradients equal sentence-transformers' MatryoshkaLoss(MNRL) under PyTorch
+autograd; kill-and-resume equals an uninterrupted run; the FSDP-sharded step on 8 devices equals
+the 1-device step; the data stream, metrics, CLI and export behave."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+from embeddinggemma_jax.tokenize import TextTokenizer
+from embeddinggemma_jax.train import step as st
+from embeddinggemma_jax.train.data import BatchEncoder, Fields, PairFile, PairStream, Position, TextBatch
+from embeddinggemma_jax.train.eval import gold_ranks, metrics_from_ranks
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY_DIMS = (40, 32, 16, 8)  # HeadConfig.tiny's output size is 40
+
+
+@pytest.fixture(scope="module")
+def compile_cache(tmp_path_factory):
+    """Runs in this module compile the same step several times: share compilations on disk."""
+    old = {k: getattr(jax.config, k) for k in ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
+                                           "jax_persistent_cache_min_entry_size_bytes")}
+    jax.config.update("jax_compilation_cache_dir", str(tmp_path_factory.mktemp("jax-cache")))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    yield
+    for k, v in old.items():
+        jax.config.update(k, v)
+
+
+def _tokenizer(folder):
+    from embeddinggemma_jax.model import read_configs
+
+    enc, head = read_configs(folder)
+    return TextTokenizer(folder / "tokenizer.json", head.max_seq_length, enc.pad_token_id, enc.eos_token_id), head
+
+
+def _write_pairs(path: Path, n: int, seed: int = 0, negatives: bool = False, fields=("query", "positive", "negative")):
+    rng = np.random.default_rng(seed)
+    words = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu".split()
+    with open(path, "w") as f:
+        for i in range(n):
+            w = [words[j] for j in rng.choice(len(words), 3, replace=False)]
+            rec = {fields[0]: " ".join(w), fields[1]: f"doc {i}: " + " ".join(reversed(w))}
+            if negatives:
+                rec[fields[2]] = f"unrelated {i} " + words[i % len(words)]
+            f.write(json.dumps(rec) + "\n")
+    return path
+
+
+# ----------------------------------------------------------------------------- parity with PyTorch
+def test_loss_and_every_gradient_equal_sentence_transformers(tiny_folder):
+    import torch
+    from sentence_transformers import SentenceTransformer
+    from sentence_transformers.sentence_transformer.losses import MatryoshkaLoss, MultipleNegativesRankingLoss
+
+    from embeddinggemma_jax.train.run import load_base
+    from embeddinggemma_jax.weights import DENSE1_FILE, DENSE2_FILE, ENCODER_FILE, PARAM_TABLE
+
+    weights = (1.0, 0.5, 0.25, 2.0)
+    cfg = st.TrainConfig(matryoshka_dims=TINY_DIMS, matryoshka_weights=weights, dtype="float32", remat=True)
+    _, enc, head, module = load_base(str(tiny_folder), cfg)
+    t, params = st.make_trainable(module, cfg)
+    tok, head = _tokenizer(tiny_folder)
+    # Queries and documents longer than the tiny window (8), of different lengths (padding matters).
+    batch = TextBatch(
+        ["a b c", "hello", "x y z w", "why is the sky blue?"],
+        ["doc a", "doc hello there", "xyz", "rayleigh scattering of sunlight by the molecules of the air"],
+        ["nope", "no", "n", "the ocean is blue because it reflects the sky"])
+    b = BatchEncoder(tok, head.prompts, 128, (32, 64, 128)).encode([batch])
+    loss, grads = st.loss_and_grads(t, cfg, params, b, TINY_DIMS, weights)
+
+    model = SentenceTransformer(str(tiny_folder), device="cpu")
+    ref_loss = MatryoshkaLoss(model, MultipleNegativesRankingLoss(model), list(TINY_DIMS), list(weights))
+    B = len(batch.queries)
+
+    def features(ids, mask):
+        return {"input_ids": torch.tensor(ids, dtype=torch.long), "attention_mask": torch.tensor(mask, dtype=torch.long)}
+
+    cols = [features(b.query_ids[0], b.query_mask[0]), features(b.doc_ids[0, :B], b.doc_mask[0, :B]),
+            features(b.doc_ids[0, B:], b.doc_mask[0, B:])]
+    torch_loss = ref_loss(cols, None)
+    torch_loss.backward()
+    np.testing.assert_allclose(float(loss), torch_loss.item(), rtol=1e-4)
+
+    torch_grads = {}
+    for file, mod in ((ENCODER_FILE, model[0].auto_model), (DENSE1_FILE, model[2]), (DENSE2_FILE, model[3])):
+        for name, p in mod.named_parameters():
+            torch_grads[(file, name)] = p.grad.numpy()
+    compared = 0
+    for spec in PARAM_TABLE:
+        g = np.asarray(_get(grads, spec.path))
+        for i, key in enumerate(spec.hf_keys(enc.num_layers)):
+            mine = spec.transform.to_hf(g[i] if spec.per_layer else g, enc)
+            ref = torch_grads[(spec.file, key)]
+            assert np.abs(ref).max() > 0, key
+            # rtol 1e-4 elementwise; entries far below the tensor's scale compare at 1e-4 of that scale
+            np.testing.assert_allclose(mine, ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max(), err_msg=key)
+            compared += 1
+    assert compared == len(torch_grads)  # every torch parameter had a JAX gradient compared with it
+
+
+def _get(tree, path):
+    for k in path:
+        tree = tree[k]
+    return tree
+
+
+def test_matryoshka_dims_are_checked():
+    from embeddinggemma_jax.train.losses import check_matryoshka
+
+    assert check_matryoshka((16, 40), (2.0, 1.0), 40) == ((40, 16), (1.0, 2.0))  # sorted, weights follow
+    with pytest.raises(ValueError, match="outside 1..40"):
+        check_matryoshka((768, 128), None, 40)
+    with pytest.raises(ValueError, match="one weight per dimension"):
+        check_matryoshka((40, 16), (1.0,), 40)
+
+
+# ----------------------------------------------------------------------------- data
+def test_stream_is_seeded_resumable_and_covers_each_epoch(tmp_path):
+    pairs = PairFile(_write_pairs(tmp_path / "p.jsonl", 10))
+    s = PairStream(pairs, 3, seed=7)
+    first = [s.next_batch().queries for _ in range(3)]  # 9 of 10 records; the leftover one is dropped
+    assert len({q for b in first for q in b}) == 9
+    pos = Position.from_dict(s.position.to_dict())
+    later = [s.next_batch().queries for _ in range(3)]  # all of epoch 1
+    assert s.position.epoch == 1
+    resumed = PairStream(pairs, 3, seed=7, position=pos)
+    assert [resumed.next_batch().queries for _ in range(3)] == later
+    again = PairStream(pairs, 3, seed=7)
+    assert [again.next_batch().queries for _ in range(3)] == first
+    other = PairStream(pairs, 3, seed=8)
+    assert [other.next_batch().queries for _ in range(3)] != first
+
+
+def test_custom_fields_negatives_and_clear_errors(tmp_path):
+    p = _write_pairs(tmp_path / "p.jsonl", 4, negatives=True, fields=("q", "d", "hard"))
+    recs = PairFile(p, Fields("q", "d", "hard")).all_records()
+    assert all(r[2] is not None for r in recs)
+    assert all(r[2] is None for r in PairFile(p, Fields("q", "d", None)).all_records())
+    with pytest.raises(ValueError, match="has no field 'query'"):
+        PairFile(p).record(0)
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"query": "a", "positive": "b"}\nnot json\n')
+    with pytest.raises(ValueError, match="record 2 is not valid JSON"):
+        PairFile(bad).record(1)
+    mixed = tmp_path / "mixed.jsonl"
+    mixed.write_text('{"query": "a", "positive": "b", "negative": "c"}\n{"query": "d", "positive": "e"}\n')
+    with pytest.raises(ValueError, match="some records have a negative"):
+        PairStream(PairFile(mixed), 2).next_batch()
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        PairFile(tmp_path / "missing.jsonl")
+
+
+def test_prompts_are_applied_as_at_inference(tiny_folder):
+    from embeddinggemma_jax import EmbeddingGemma
+
+    model = EmbeddingGemma.from_pretrained(tiny_folder)
+    tok, head = _tokenizer(tiny_folder)
+    enc = BatchEncoder(tok, head.prompts, 128, (128,))
+    b = enc.encode([TextBatch(["what is x?", "y"], ["x is a letter", "y too"], ["z", "w"])])
+    want_q = model.tokenizer.encode(model.apply_prompt(["what is x?", "y"], "query", None))
+    want_d = model.tokenizer.encode(model.apply_prompt(["x is a letter", "y too", "z", "w"], "document", None))
+    for ids, mask, want in ((b.query_ids[0], b.query_mask[0], want_q), (b.doc_ids[0], b.doc_mask[0], want_d)):
+        assert [list(r[m.astype(bool)]) for r, m in zip(ids, mask)] == want
+    with pytest.raises(ValueError, match="no prompt named 'nope'"):
+        BatchEncoder(tok, head.prompts, 128, (128,), query_prompt="nope")
+
+
+# ----------------------------------------------------------------------------- metrics
+def test_retrieval_metrics_by_hand():
+    q = np.eye(3, dtype=np.float32)
+    docs = np.asarray([[1, 0, 0], [0.9, 0.1, 0], [0, 0, 1], [0, 0.5, 0]], np.float32)
+    ranks = gold_ranks(q, docs, np.asarray([0, 3, 2]))
+    assert ranks.tolist() == [1, 1, 1]  # each gold document scores highest
+    # q0 ranks d1 (0.9) second; q1's gold d0 (0.0) ties d2 and is below d1, d3; q2's gold d3 (0.0) ties d0, d1
+    ranks = gold_ranks(q, docs, np.asarray([1, 0, 3]))
+    assert ranks.tolist() == [2, 4, 4]  # ties count against the gold document
+    m = metrics_from_ranks(np.asarray([1, 2, 11, 10]))
+    assert m["recall@1"] == 0.25 and m["recall@10"] == 0.75
+    assert m["mrr@10"] == pytest.approx((1 + 0.5 + 0.1) / 4)
+    assert m["ndcg@10"] == pytest.approx((1 + 1 / np.log2(3) + 1 / np.log2(11)) / 4)
+
+
+# ----------------------------------------------------------------------------- resume, CLI, export
+@pytest.mark.slow
+def test_killed_and_resumed_run_equals_uninterrupted(tiny_folder, tmp_path, compile_cache):
+    from embeddinggemma_jax.cli import main
+    from embeddinggemma_jax.train.run import Run, RunConfig
+
+    train = _write_pairs(tmp_path / "train.jsonl", 30, seed=1)
+    evals = _write_pairs(tmp_path / "eval.jsonl", 12, seed=2)
+    tc = st.TrainConfig(matryoshka_dims=(40, 16), total_steps=4, warmup_steps=1, dtype="float32",
+                        learning_rate=1e-3, grad_accum=2)
+
+    def rc(out, **kw):
+        return RunConfig(model=str(tiny_folder), train_file=str(train), output_dir=str(out), train=tc, batch_size=4,
+                         max_length=64, pad_to_max_length=True, save_every=2, keep=2, eval_file=str(evals),
+                         progress=False, **kw)
+
+    run = Run(rc(tmp_path / "a"))
+    summary = run.fit(say=lambda s: None)
+    uninterrupted = run.state
+    run.close()
+    assert set(summary["eval_before"]) == set(summary["eval_after"]) == {40, 16}
+
+    # "Killed" after step 3 (checkpoint at 2), then resumed by a new process-equivalent through the CLI.
+    run = Run(rc(tmp_path / "b", stop_after=3))
+    run.fit(say=lambda s: None)
+    assert run.step == 3
+    run.close()
+    argv = ["train", "--model", str(tiny_folder), "--train-file", str(train), "--eval-file", str(evals),
+            "--output-dir", str(tmp_path / "b"), "--steps", "4", "--warmup-steps", "1", "--dtype", "float32",
+            "--lr", "1e-3", "--grad-accum", "2", "--matryoshka-dims", "40,16", "--batch-size", "4",
+            "--max-length", "64", "--pad-to-max-length", "--save-every", "2", "--keep", "2", "--no-progress"]
+    assert main(argv) == 0
+    resumed = Run(rc(tmp_path / "b"))
+    assert resumed.resume() and resumed.step == 4
+    for a, b in zip(jax.tree.leaves(uninterrupted), jax.tree.leaves(resumed.state)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert resumed.position.to_dict() == {"epoch": 1, "index": 16}  # 4 steps x 2 micro-batches x 4 = 32 > 28
+    resumed.close()
+    assert sorted(int(p.name) for p in (tmp_path / "b" / "checkpoints").iterdir() if p.name.isdigit()) == [2, 4]
+
+    # The exported folder loads in sentence-transformers and embeds like the trained parameters.
+    from sentence_transformers import SentenceTransformer
+
+    from embeddinggemma_jax import EmbeddingGemma
+
+    ours = EmbeddingGemma.from_pretrained(tmp_path / "b" / "final")
+    ref = SentenceTransformer(str(tmp_path / "b" / "final"), device="cpu")
+    texts = ["alpha beta gamma", "a longer text than the window of eight tokens"]
+    np.testing.assert_allclose(ours.encode(texts), ref.encode(texts), rtol=1e-4, atol=1e-5)
+    trained = np.asarray(resumed._forward(resumed.state["params"], *[np.asarray(x) for x in _ids(ours, texts)]))
+    np.testing.assert_allclose(ours.encode(texts, normalize=False), trained, rtol=1e-5, atol=1e-6)
+    # ... and an earlier checkpoint exports too, with different parameters.
+    assert main(["train-export", str(tmp_path / "b"), str(tmp_path / "step2"), "--step", "2"]) == 0
+    early = EmbeddingGemma.from_pretrained(tmp_path / "step2").encode(texts)
+    assert not np.allclose(early, ours.encode(texts), atol=1e-4)
+    metrics = [json.loads(x) for x in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics if "loss" in m] == [1, 2, 3, 4]
+
+
+def _ids(model, texts):
+    ids = model.tokenizer.encode(texts)
+    L = max(map(len, ids))
+    out = np.zeros((len(ids), L), np.int32)
+    mask = np.zeros_like(out)
+    for i, x in enumerate(ids):
+        out[i, :len(x)], mask[i, :len(x)] = x, 1
+    return out, mask
+
+
+def test_resume_refuses_changed_settings(tiny_folder, tmp_path, compile_cache):
+    from embeddinggemma_jax.train.checkpointing import TrainCheckpoints
+    from embeddinggemma_jax.train.run import Run, RunConfig
+
+    train = _write_pairs(tmp_path / "train.jsonl", 8)
+    ck = TrainCheckpoints(tmp_path / "run" / "checkpoints")
+    ck.save(1, {"x": np.zeros(2)}, {"train_config": st.TrainConfig(learning_rate=1.0).to_dict(),
+                                    "batch_size": 4, "max_length": 64, "pad_to_max_length": True, "position": {}})
+    ck.close()
+    run = Run(RunConfig(model=str(tiny_folder), train_file=str(train), output_dir=str(tmp_path / "run"),
+                        train=st.TrainConfig(matryoshka_dims=(40,)), batch_size=4, max_length=64,
+                        pad_to_max_length=True, progress=False))
+    with pytest.raises(ValueError, match="was written with train_config"):
+        run.resume()
+    run.close()
+
+
+# ----------------------------------------------------------------------------- sharding
+@pytest.mark.slow
+def test_fsdp_step_on_8_devices_matches_one_device(tmp_path):
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", PYTHONPATH=str(ROOT),
+               JAX_PLATFORMS="cpu")
+    r = subprocess.run([sys.executable, str(ROOT / "tests" / "train_sharded_check.py"), str(tmp_path)], env=env,
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = json.loads((tmp_path / "out.json").read_text())
+    single, fsdp = out["single"], out["fsdp"]
+    # Parameters and their Adam moments really are split over the fsdp axis (sizes chosen divisible by 4).
+    assert all("fsdp" in v for v in fsdp["specs"].values()), fsdp["specs"]
+    assert not any("fsdp" in v for v in single["specs"].values())
+    # Step 2's loss depends on step 1's update: equal losses mean equal steps.
+    np.testing.assert_allclose(fsdp["losses"], single["losses"], rtol=1e-5)
+    lr = 1e-3  # Adam moves a parameter by at most ~lr per step; the sharded update agrees to 5% of that
+    for k, v in single["params"].items():
+        np.testing.assert_allclose(np.asarray(fsdp["params"][k]), np.asarray(v), rtol=0, atol=0.05 * lr, err_msg=k)
+
+
+def test_tpu_training_configs_parse(tmp_path):
+    from embeddinggemma_jax.cli import build_parser
+    from embeddinggemma_jax.train.cli import _apply_config_file, run_config
+
+    configs = sorted((ROOT / "tpu" / "train").glob("*.json"))
+    assert configs
+    for path in configs:
+        args = build_parser().parse_args(["train", "--config", str(path), "--train-file", "t.jsonl",
+                                          "--output-dir", str(tmp_path), "--steps", "307"])
+        rc = run_config(_apply_config_file(args))
+        assert rc.train.total_steps == 307  # the command line wins over the file
+        assert rc.train.dtype == "bfloat16" and rc.pad_to_max_length
+        d = rc.train.mesh_shape
+        assert d is None or rc.batch_size % (d[0] * d[1]) == 0
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"batchsize": 3}')
+    args = build_parser().parse_args(["train", "--config", str(bad)])
+    with pytest.raises(ValueError, match="unknown keys"):
+        _apply_config_file(args)
