@@ -28,7 +28,8 @@ import numpy as np
 
 from embeddinggemma_jax.batch import shards
 from embeddinggemma_jax.batch.batcher import PlannedBatch, pad_batch, plan_batches
-from embeddinggemma_jax.batch.readers import BadRecordError, InputSpec, Unit, infer_format, input_sizes, iter_units
+from embeddinggemma_jax.batch.readers import (BadRecordError, InputSpec, Unit, expand_inputs, infer_format, input_sizes,
+                                              iter_units)
 
 MANIFEST = "manifest.json"
 JOB = "job.json"
@@ -123,8 +124,9 @@ def run_embed(o: EmbedOptions) -> dict:
     dtype = o.dtype or (topo.dtype if topo else "float32")
     mesh_shape = tuple(o.mesh) if o.mesh else (topo.mesh_shape if topo else (jax.device_count(), 1))
     rules = topo.rules_table if topo else DATA_PARALLEL_RULES
-    fmt = o.format or infer_format(o.inputs)
-    spec = InputSpec(tuple(str(p) for p in o.inputs), fmt, o.text_field, o.id_field, o.title_field, o.unit_size)
+    inputs = expand_inputs(o.inputs)
+    fmt = o.format or infer_format(inputs)
+    spec = InputSpec(tuple(inputs), fmt, o.text_field, o.id_field, o.title_field, o.unit_size)
     input_sizes(spec.paths)  # fail early on a missing input
 
     t_start = time.perf_counter()
@@ -351,7 +353,7 @@ def verify(out_dir: str, inputs: Sequence[str] | None = None, check_values: bool
                           f"to resume it")
     manifest = json.loads(mp.read_text())
     opt = manifest["options"]
-    paths = [str(p) for p in inputs] if inputs else opt["inputs"]
+    paths = expand_inputs(inputs) if inputs else opt["inputs"]
     if list(paths) != list(opt["inputs"]):
         raise VerifyError(f"--input {' '.join(paths)} differs from the job's inputs {' '.join(opt['inputs'])}; "
                           f"pass the same paths, in the same order")

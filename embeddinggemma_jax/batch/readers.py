@@ -101,6 +101,32 @@ def _epath(p: str):
     return epath.Path(p)
 
 
+def expand_inputs(paths: Sequence[str]) -> list[str]:
+    """Paths with ``*``/``?``/``[`` are globbed (locally or on gs:// through epath), sorted; the rest
+    pass through. A pattern matching nothing is an error, never an empty job."""
+    out = []
+    for p in paths:
+        p = str(p)
+        if not any(c in p for c in "*?["):
+            out.append(p)
+            continue
+        scheme, sep, rest = p.partition("://")
+        prefix, rest = (scheme + sep, rest) if sep else ("", p)
+        parts = rest.split("/")
+        i = next(j for j, part in enumerate(parts) if any(c in part for c in "*?["))
+        base = prefix + ("/".join(parts[:i]) or ("/" if rest.startswith("/") else "."))
+        matches = sorted(str(m) for m in _epath(base).glob("/".join(parts[i:])))
+        if not matches:
+            raise InputError(f"--input {p} matches no file")
+        out += matches
+    seen = set()
+    for p in out:
+        if p in seen:
+            raise InputError(f"input {p} is given twice; each file may appear once (its records would be embedded twice)")
+        seen.add(p)
+    return out
+
+
 def input_sizes(paths: Sequence[str]) -> list[int]:
     out = []
     for p in paths:
@@ -246,4 +272,4 @@ def _parquet_units(f: int, path: str, spec: InputSpec, select, base: int, size: 
 
 
 __all__ = ["FORMATS", "InputSpec", "Record", "BadRecord", "Unit", "InputError", "BadRecordError", "iter_units",
-           "infer_format", "input_sizes", "unit_name", "parse_line"]
+           "infer_format", "input_sizes", "expand_inputs", "unit_name", "parse_line"]
