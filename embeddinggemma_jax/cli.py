@@ -16,6 +16,7 @@ from embeddinggemma_jax.hub import DEFAULT_MODEL
 # Modules that contribute subcommands: each defines add_parser(subparsers).
 COMMAND_MODULES = [
     "embeddinggemma_jax.cli",
+    "embeddinggemma_jax.train.cli",
     "embeddinggemma_jax.batch.cli",
     "conversion.convert",
     "conversion.parity",
