@@ -39,20 +39,36 @@ def test_parity_passes_on_a_checkpoint(tiny_folder, tmp_path, capsys):
     ckpt = tmp_path / "tiny.orbax"
     assert cli_main(["convert", "--model", str(tiny_folder), "--output", str(ckpt)]) == 0
     report = tmp_path / "report.json"
-    rc, out, err = run(capsys, "--model", ckpt, "--builtin", "--layers", "--report", report)
+    rc, out, err = run(capsys, "--model", ckpt, "--builtin", "--report", report)
     assert rc == 0, out + err
     r = json.loads(report.read_text())
     assert r["passed"] and len(r["cases"]) == 15
     assert r["summary"]["min_cosine"] >= 0.99999
-    assert r["layers"]["first_jump"] is None
-    assert max(r["layers"]["relative_error"]) < LAYER_TOLERANCE["float32"]
     assert "summary:" in out and "PASS" in out and "worst:" in out
+
+
+LAYER_TEXTS = ["short", "a text longer than the tiny model's sliding window of eight tokens", "Москва 東京 " * 6]
+
+
+def test_layers_are_clean_on_a_faithful_model(tiny_folder, tmp_path, capsys):
+    texts = tmp_path / "texts.json"
+    texts.write_text(json.dumps(LAYER_TEXTS))
+    report = tmp_path / "report.json"
+    rc, out, err = run(capsys, "--model", tiny_folder, "--texts", texts, "--layers", "--report", report)
+    assert rc == 0, out + err
+    r = json.loads(report.read_text())
+    assert r["layers"]["first_jump"] is None and len(r["layers"]["relative_error"]) == 5
+    assert max(r["layers"]["relative_error"]) < LAYER_TOLERANCE["float32"]
+    assert "no layer's error exceeds the tolerance" in out
 
 
 def test_parity_fails_on_a_broken_model_and_names_the_layer(tiny_folder, tmp_path, capsys):
     broken = broken_copy(tiny_folder, tmp_path / "broken", layer=2)
+    texts = tmp_path / "texts.json"
+    texts.write_text(json.dumps(LAYER_TEXTS))
     report = tmp_path / "report.json"
-    rc, out, err = run(capsys, "--model", broken, "--reference", tiny_folder, "--layers", "--report", report)
+    rc, out, err = run(capsys, "--model", broken, "--reference", tiny_folder, "--texts", texts, "--layers",
+                       "--report", report)
     assert rc == 1
     assert "FAIL" in err
     r = json.loads(report.read_text())
