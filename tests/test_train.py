@@ -226,7 +226,8 @@ def test_killed_and_resumed_run_equals_uninterrupted(tiny_folder, tmp_path, comp
     assert resumed.resume() and resumed.step == 4
     for a, b in zip(jax.tree.leaves(uninterrupted), jax.tree.leaves(resumed.state)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-    assert resumed.position.to_dict() == {"epoch": 1, "index": 16}  # 4 steps x 2 micro-batches x 4 = 32 > 28
+    # 8 micro-batches of 4 pairs: 7 use 28 of epoch 0's 30 records, the 8th starts epoch 1
+    assert resumed.position.to_dict() == {"epoch": 1, "index": 4}
     resumed.close()
     assert sorted(int(p.name) for p in (tmp_path / "b" / "checkpoints").iterdir() if p.name.isdigit()) == [2, 4]
 

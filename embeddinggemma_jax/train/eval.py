@@ -88,6 +88,17 @@ class MetricsLog:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
 
+    def truncate_after(self, step: int) -> None:
+        """Drop records of steps after ``step`` (written by a run that died before its next checkpoint)."""
+        from embeddinggemma_jax.io_utils import atomic_write_bytes
+
+        if not self.path.is_file():
+            return
+        lines = self.path.read_text(encoding="utf-8").splitlines()
+        kept = [x for x in lines if x.strip() and json.loads(x).get("step", 0) <= step]
+        if len(kept) != len(lines):
+            atomic_write_bytes(self.path, "".join(x + "\n" for x in kept).encode())
+
     def write(self, **record) -> None:
         record.setdefault("time", time.time())
         with open(self.path, "a", encoding="utf-8") as f:

@@ -120,6 +120,7 @@ class Run:
         abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), self.state)
         self.state, meta = self.ckpt.restore(abstract, self.shardings)
         self.position = Position.from_dict(meta["position"])
+        self.log.truncate_after(self.step)
         return True
 
     def evaluate(self) -> dict | None:
