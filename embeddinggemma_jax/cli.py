@@ -17,6 +17,7 @@ from embeddinggemma_jax.hub import DEFAULT_MODEL
 COMMAND_MODULES = [
     "embeddinggemma_jax.cli",
     "embeddinggemma_jax.train.cli",
+    "embeddinggemma_jax.bench",
     "embeddinggemma_jax.batch.cli",
     "conversion.convert",
     "conversion.parity",

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from embeddinggemma_jax import hub
+from embeddinggemma_jax import compile_cache, hub
 from embeddinggemma_jax.attention import select_impl
 from embeddinggemma_jax.config import EncoderConfig, HeadConfig, check_dtype
 from embeddinggemma_jax.errors import WeightsError
@@ -76,6 +76,7 @@ class EmbeddingGemma:
         (float16 is refused: the activations overflow). ``param_dtype`` defaults to ``dtype``."""
         dtype = check_dtype(dtype)
         param_dtype = check_dtype(param_dtype or dtype)
+        compile_cache.enable()  # only when EMBEDDINGGEMMA_JAX_COMPILATION_CACHE is set
         folder = hub.resolve(name_or_path)
         if (folder / "embeddinggemma_jax.json").is_file():
             from embeddinggemma_jax import checkpoint
