@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import dataclasses
 import hashlib
 import json
 import random
@@ -102,8 +103,14 @@ def main(argv=None) -> int:
     ap.add_argument("--lr", type=float, default=5e-5)
     ap.add_argument("--warmup-steps", type=int, default=2)
     ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--dims", default="768,512,256,128", help="Matryoshka training dims")
+    ap.add_argument("--eval-dims", default="768,128")
+    ap.add_argument("--deadline", default=None,
+                    help="HH:MM (local time): stop training in time to evaluate and export by then")
+    ap.add_argument("--reserve-seconds", type=float, default=300, help="time kept for the final eval and export")
     args = ap.parse_args(argv)
 
+    from embeddinggemma_jax.train.eval import format_metrics
     from embeddinggemma_jax.train.run import Run, RunConfig
     from embeddinggemma_jax.train.step import TrainConfig
 
@@ -113,22 +120,32 @@ def main(argv=None) -> int:
     data = build_pairs(out, args.eval_pairs)
     print(json.dumps(data), file=sys.stderr)
     tc = TrainConfig(learning_rate=args.lr, warmup_steps=args.warmup_steps, total_steps=args.steps,
-                     matryoshka_dims=(768, 512, 256, 128), freeze_embeddings=True, remat=True, dtype=args.dtype)
+                     matryoshka_dims=tuple(int(x) for x in args.dims.split(",")), freeze_embeddings=True, remat=True, dtype=args.dtype)
     rc = RunConfig(model=args.model, train_file=str(out / "train.jsonl"), eval_file=str(out / "eval.jsonl"),
                    output_dir=str(out / "run"), train=tc, batch_size=args.batch_size, max_length=args.max_length,
-                   eval_dims=(768, 128), save_every=args.steps, keep=1, export=True)
+                   eval_dims=tuple(int(x) for x in args.eval_dims.split(",")), save_every=args.steps, keep=1, export=True)
+    if args.deadline:
+        hh, mm = map(int, args.deadline.split(":"))
+        lt = time.localtime()
+        end = time.mktime(lt[:3] + (hh, mm, 0) + lt[6:])
+        rc = dataclasses.replace(rc, deadline=end - args.reserve_seconds)
     t1 = time.time()
     run = Run(rc)
     t_load = time.time() - t1
     try:
         summary = run.fit(say=lambda s: print(s, file=sys.stderr))
+        if summary["eval_after"] is None:  # stopped by the deadline: measure where it got to
+            summary["eval_after"] = run.evaluate()
+            print(f"eval @ step {run.step}: {format_metrics(summary['eval_after'])}", file=sys.stderr)
+            summary["exported"] = str(run.export(out / "run" / "final"))
+        summary["steps_done"] = run.step
     finally:
         run.close()
     evals = [json.loads(line) for line in open(out / "run" / "metrics.jsonl") if '"eval"' in line]
     report = {"data": data, "config": {k: v for k, v in vars(args).items()}, "load_seconds": t_load,
               "eval_seconds": [e["eval_seconds"] for e in evals], "train_seconds": summary["train_seconds"],
               "total_seconds": time.time() - t0, "before": summary["eval_before"], "after": summary["eval_after"],
-              "exported": summary.get("exported")}
+              "steps_done": summary["steps_done"], "exported": summary.get("exported")}
     (out / "report.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
     print(json.dumps(report, indent=2, default=str))
     return 0

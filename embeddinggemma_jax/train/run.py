@@ -50,6 +50,7 @@ class RunConfig:
     export: bool = True
     export_dtype: str = "float32"
     stop_after: int | None = None  # stop (as if preempted) after this many steps of this process
+    deadline: float | None = None  # unix time: take no step after it (a time-boxed job slot); resumable
     progress: bool = True
 
     def to_dict(self) -> dict:
@@ -147,6 +148,9 @@ class Run:
         done_here, t_start = 0, time.time()
         while self.step < cfg.total_steps:
             if rc.stop_after is not None and done_here >= rc.stop_after:
+                break
+            if rc.deadline is not None and time.time() >= rc.deadline:
+                bar.write(f"deadline reached after step {self.step}; re-run to resume")
                 break
             batch = self.encoder.encode([stream.next_batch() for _ in range(cfg.grad_accum)])
             self.state, metrics = self.step_fn(self.state, batch)
