@@ -9,6 +9,7 @@ bfloat16, hence ``ml_dtypes``.
 from __future__ import annotations
 
 import json
+import mmap
 import os
 import struct
 import tempfile
@@ -66,6 +67,14 @@ class SafeTensorsFile:
         if name not in DTYPES:
             raise WeightsError(f"{self.path}: tensor {key} has unsupported dtype {name}")
         return DTYPES[name]
+
+    def release_pages(self) -> None:
+        """Unmap the pages read so far from this process (they stay in the page cache, and a later
+        read faults them back in): a loader that copies tensors out one at a time then holds about
+        one copy of the weights, not the copies plus the file."""
+        mm = getattr(self._mm, "_mmap", None)
+        if mm is not None and hasattr(mm, "madvise") and hasattr(mmap, "MADV_DONTNEED"):
+            mm.madvise(mmap.MADV_DONTNEED)
 
     def get(self, key: str) -> np.ndarray:
         start, end = self.header[key]["data_offsets"]

@@ -235,6 +235,7 @@ def load_state(folder: str | Path, abstract_state: nnx.State, cfg: EncoderConfig
         sharding = (shardings or {}).get(spec.path)
         value = jax.device_put(host, sharding) if sharding is not None else jax.device_put(host)
         del host
+        reader.files[spec.file].release_pages()  # the file's pages no longer count as resident
         flat[spec.path].set_value(value)
     return abstract_state
 
