@@ -153,10 +153,9 @@ def stdlib_docstrings() -> list[str]:
     return docs
 
 
-@pytest.mark.real
 def test_padding_efficiency_on_stdlib_docstrings(real_folder):
-    """Long-tailed lengths (median ~30 tokens, max ~1450) with the real tokenizer, batched as the
-    v5litepod-1 job does (its buckets and rows per chip)."""
+    """Long-tailed lengths (median ~30 tokens, max ~1450) with the real tokenizer (no weights
+    loaded), batched as the v5litepod-1 job does (its buckets and rows per chip)."""
     from embeddinggemma_jax import topologies
     from embeddinggemma_jax.tokenize import TextTokenizer
 

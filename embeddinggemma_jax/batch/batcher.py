@@ -1,10 +1,11 @@
 """Fixed-shape batches from one work unit: sort by length, cut greedily, pad to the head's bucket.
 
 Within a unit, records are sorted by token length (longest first, ties in input order) and cut
-into consecutive batches: a batch's padded length is the bucket of its longest row and its row
-count is the bucket's fixed row count (the topology's token budget), so every batch is full except
-the unit's last, which is the shortest and cheapest. Rows that spill from one bucket into the next
-smaller one are padded a little more; with buckets ~1.2x apart that costs a few percent.
+into consecutive batches. A batch's padded length is the bucket of its longest row; its row count
+is the bucket's fixed row count (the topology's token budget), or, when fewer records of that
+bucket are left (a sparse bucket in the long tail, the unit's end), the smallest allowed fraction
+of it that holds them (``allowed_rows``: a bounded set of shapes, so a bounded number of
+compilations). Spare rows take the next, shorter records, padded a little more.
 
 Everything here is a pure function of the unit's token lengths: a rerun (resume, another host)
 builds the same batches, so the same record meets the same batch shape and gets the same bits.

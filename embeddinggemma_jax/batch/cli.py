@@ -49,7 +49,7 @@ def add_parser(sub) -> None:
     p.add_argument("--buckets", type=_ints, help="padded lengths, comma-separated (default: the topology's)")
     p.add_argument("--no-shrink", action="store_true",
                    help="always use full-size batches (fewer compiled shapes, more padding on sparse buckets)")
-    p.add_argument("--unit-size", type=int, default=16384, help="records per work unit = per output shard (16384)")
+    p.add_argument("--unit-size", type=int, default=16384, help="input lines (parquet: rows) per work unit = per output shard (16384)")
     p.add_argument("--on-bad-record", choices=["fail", "skip"], default="fail",
                    help="fail (default) names the file and line; skip writes it to errors.jsonl")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -76,7 +76,8 @@ def cmd_embed(args) -> int:
                      text_field=args.text_field, id_field=args.id_field, title_field=args.title_field,
                      prompt_name=args.prompt_name or None, dimensions=args.dimensions, dtype=args.dtype,
                      topology=args.topology, mesh=args.mesh, tokens_per_device=args.tokens_per_device,
-                     unit_size=args.unit_size, buckets=args.buckets, shrink=not args.no_shrink, on_bad_record=args.on_bad_record, progress=not args.no_progress,
+                     unit_size=args.unit_size, buckets=args.buckets, shrink=not args.no_shrink,
+                     on_bad_record=args.on_bad_record, progress=not args.no_progress,
                      coordinator=args.coordinator, num_processes=args.num_processes, process_id=args.process_id,
                      multihost=args.multihost)
     s = run_embed(o)

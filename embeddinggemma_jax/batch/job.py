@@ -284,6 +284,10 @@ def run_embed(o: EmbedOptions) -> dict:
         bar.close()
     wall = time.perf_counter() - t_loop
 
+    if P > 1:  # this run's totals over all hosts (split in 30-bit halves: int32 collectives)
+        keys = sorted(stats)
+        g = allgather_ints([x for k in keys for x in divmod(stats[k], 1 << 30)]).astype(np.int64).sum(0)
+        stats = {k: int(g[2 * i]) * (1 << 30) + int(g[2 * i + 1]) for i, k in enumerate(keys)}
     barrier("embed-shards-written")
     manifest = None
     if me == 0:
