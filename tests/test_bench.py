@@ -1,0 +1,51 @@
+"""The benchmark harness on the tiny model: corpora, report fields, and that the engines agree."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from embeddinggemma_jax.bench import long_documents, stdlib_docstrings
+from embeddinggemma_jax.tokenize import TextTokenizer
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_corpora_have_the_requested_lengths(tiny_folder):
+    tok = TextTokenizer(tiny_folder / "tokenizer.json", 4096)
+    docs = stdlib_docstrings(tok, n=20, min_tokens=50, max_tokens=700)
+    counts = tok.count(docs)
+    assert len(set(docs)) == 20 and all(50 <= c <= 700 for c in counts)
+    assert docs == stdlib_docstrings(tok, n=20, min_tokens=50, max_tokens=700)  # deterministic
+    long = long_documents(tok, n=2, tokens=1000)
+    assert len(long) == 2 and long[0] != long[1] and min(tok.count(long)) >= 1000
+
+
+@pytest.mark.slow
+def test_bench_command_reports_every_engine(tiny_folder):
+    out = subprocess.run([sys.executable, str(REPO / "benchmarks" / "bench.py"), "--model", str(tiny_folder),
+                          "--engines", "jax-float32,st-float32", "--docstrings", "6", "--long-docs", "1",
+                          "--threads", "1", "--json"], capture_output=True, text=True, timeout=600,
+                         env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"})
+    assert out.returncode == 0, out.stderr[-2000:]
+    r = json.loads(out.stdout)
+    assert r["threads"] == 1 and set(r["engines"]) == {"jax-float32", "st-float32"}
+    jx = r["engines"]["jax-float32"]
+    for name in ("docstrings", "long"):
+        c = jx["corpora"][name]
+        assert c["tokens"] == r["engines"]["st-float32"]["corpora"][name]["tokens"]  # same tokens counted
+        assert c["tokens_per_s"] > 0 and 0 < c["mfu"] < 1 and 0 < c["padding_efficiency"] <= 1
+        assert c["buckets_compiled"] >= 1 and c["compile_s_per_bucket"] > 0
+        assert c["min_cosine_vs_st"] > 0.9999  # the two engines computed the same embeddings
+        assert c["speedup_vs_st"] > 0
+    assert jx["peak_rss_mb"] > 0 and jx["first_embedding_s"] >= jx["load_s"] > 0
+
+
+def test_bench_refuses_unknown_engine(tiny_folder):
+    from embeddinggemma_jax.cli import main
+
+    assert main(["bench", "--model", str(tiny_folder), "--engines", "jax-float16"]) == 1
