@@ -30,12 +30,12 @@ class RMSNorm(nnx.Module):
         self.eps = eps
         self.scale = nnx.Param(jnp.zeros((dim,), param_dtype))
 
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, out_dtype=None) -> jax.Array:
         x32 = x.astype(jnp.float32)
         var = jnp.mean(jnp.square(x32), axis=-1, keepdims=True)
         # Upstream (transformers Gemma3RMSNorm) multiplies by (1 + w) in fp32 too, then casts back.
         y = x32 * jax.lax.rsqrt(var + self.eps) * (1.0 + self.scale[...].astype(jnp.float32))
-        return y.astype(x.dtype)
+        return y.astype(out_dtype or x.dtype)
 
 
 def rope_tables(positions: jax.Array, head_dim: int, base: float, dtype) -> tuple[jax.Array, jax.Array]:
