@@ -100,9 +100,12 @@ def test_tiny_per_layer_parity(torch_tiny, lengths):
     valid = mask.astype(bool)
     j_all = [np.asarray(j_embed)] + [np.asarray(h) for h in j_hidden]
     assert len(j_all) == len(t_hidden) == 5
+    errs = []
     for layer, (j, t) in enumerate(zip(j_all, t_hidden)):
         err = np.abs(j[valid] - t[valid]).max()
+        errs.append(float(err))
         assert err <= 1e-5, f"layer {layer - 1} (0 = embeddings): max abs error {err}"
+    print(f"tiny per-layer max abs error {lengths}: " + ", ".join(f"{e:.2e}" for e in errs))
     err = np.abs(np.asarray(j_out)[valid] - t_out[valid]).max()
     assert err <= 1e-5, f"final norm output: max abs error {err}"
 
@@ -243,6 +246,8 @@ def test_real_fp32_batched_parity(real_model, reference):
     got = real_model.encode(texts, batch_size=8)
     cos = _cos(got, ref)
     worst = int(np.argmin(cos))
+    print(f"fp32 batched vs sentence-transformers, {len(texts)} texts: min cosine {cos.min():.8f}, "
+          f"median {np.median(cos):.8f}, max abs diff {np.abs(got - ref).max():.2e}")
     assert cos.min() >= 0.99999, f"min cosine {cos.min():.7f} on text {worst} ({texts[worst][:40]!r})"
 
 
@@ -252,6 +257,7 @@ def test_real_fp32_one_at_a_time_parity(real_model, reference):
     texts, ref = reference
     got = np.stack([real_model.encode(t) for t in texts])
     cos = _cos(got, ref)
+    print(f"fp32 one at a time vs sentence-transformers: min cosine {cos.min():.8f}, median {np.median(cos):.8f}")
     assert cos.min() >= 0.99999, f"min cosine {cos.min():.7f} on text {int(np.argmin(cos))}"
 
 
@@ -261,6 +267,8 @@ def test_real_bf16_against_fp32_reference(real_model_bf16, reference):
     texts, ref = reference
     got = real_model_bf16.encode(texts, batch_size=8)
     cos = _cos(got, ref)
+    print(f"bf16 vs fp32 sentence-transformers: min cosine {cos.min():.6f} (text {int(np.argmin(cos))}), "
+          f"median {np.median(cos):.6f}")
     assert cos.min() >= 0.9995, f"bf16 min cosine {cos.min():.6f} on text {int(np.argmin(cos))}"
 
 
@@ -271,6 +279,7 @@ def test_model_card_red_planet(real_model, st_model):
     q = real_model.encode_query(DEMO_QUERY)
     d = real_model.encode_document(DEMO_DOCUMENTS)
     sims = real_model.similarity(q, d)[0]
+    print("Red Planet similarities:", np.round(sims, 4).tolist())
     # The values sentence-transformers gives on these weights (shared/reference/weights-offline.md) ...
     np.testing.assert_allclose(sims, [0.3008, 0.6361, 0.4927, 0.4889], atol=1e-3)
     # ... and the live reference run.
