@@ -52,14 +52,37 @@ def _softmax_attend(q, k, v, mask, dtype, precision):
     return jnp.moveaxis(out.reshape(*bt, K, L, G, H), -4, -3).astype(dtype)  # [.., L, K, G, H]
 
 
+# Queries per step of the XLA path. On CPU, scores for a 256-query chunk stay in cache, where the
+# whole [L, S] matrix streams through memory: at 2048 tokens a full layer's attention runs 1.6x
+# faster chunked, a sliding layer's 1.5x (benchmarks/profile_long.py, issue 7).
+QUERY_CHUNK = 256
+
+
+def _map_chunks(fn, *xs):
+    """``fn`` over axis 1 of each x, one slice at a time (``lax.map``): the working set is one slice."""
+    out = jax.lax.map(lambda a: fn(*a), tuple(jnp.moveaxis(x, 1, 0) for x in xs))
+    return jnp.moveaxis(out, 0, 1)
+
+
 def dense_attention(q, k, v, key_valid, radius: int | None, dtype):
-    """q: [B, L, K, G, H] (already scaled), k/v: [B, L, K, H], key_valid: [B, L] bool."""
-    L = q.shape[1]
-    mask = key_valid[:, None, None, None, :]  # [B, 1, 1, 1, S]
-    if radius is not None:
-        pos = jnp.arange(L)
-        mask = mask & (jnp.abs(pos[:, None] - pos[None, :]) <= radius)[None, None, None]
-    return _softmax_attend(q, k, v, mask, dtype, precision_for(dtype))
+    """q: [B, L, K, G, H] (already scaled), k/v: [B, L, K, H], key_valid: [B, L] bool.
+
+    Queries go through in chunks of ``QUERY_CHUNK`` against all keys (a full layer stays dense)."""
+    B, L, K, G, H = q.shape
+    C = QUERY_CHUNK if L > QUERY_CHUNK and L % QUERY_CHUNK == 0 else L
+    key_pos = jnp.arange(L)
+
+    def chunk(qc, start):  # qc: [B, C, K, G, H], start: [1], the chunk's first query position
+        mask = key_valid[:, None, None, None, :]  # [B, 1, 1, 1, S]
+        if radius is not None:
+            pos = start[0] + jnp.arange(C)
+            mask = mask & (jnp.abs(pos[:, None] - key_pos[None, :]) <= radius)[None, None, None]
+        return _softmax_attend(qc, k, v, mask, dtype, precision_for(dtype))
+
+    if C == L:
+        return chunk(q, jnp.zeros((1,), jnp.int32))
+    starts = jnp.arange(0, L, C)[None]  # [1, L // C]: mapped over axis 1 like the queries
+    return _map_chunks(chunk, q.reshape(B, L // C, C, K, G, H), starts).reshape(B, L, K, G, H)
 
 
 def local_block_size(radius: int) -> int:
@@ -105,11 +128,17 @@ def local_windows(q, k, v, key_valid, radius: int, block: int | None = None):
 
 
 def local_attention(q, k, v, key_valid, radius: int, dtype, block: int | None = None):
-    """Sliding-window attention in query blocks (see ``local_windows``): time and memory linear in L."""
+    """Sliding-window attention in query blocks (see ``local_windows``): time and memory linear in L.
+
+    Blocks run one after another, so one block's scores are the working set."""
     B, L, K, G, H = q.shape
     qb, kw, vw, mask = local_windows(q, k, v, key_valid, radius, block)
     nb, C = qb.shape[1], qb.shape[2]
-    out = _softmax_attend(qb, kw, vw, mask[:, :, None, None], dtype, precision_for(dtype))  # [B, nb, C, K, G, H]
+
+    def block(qc, kc, vc, mc):  # one query block against its window
+        return _softmax_attend(qc, kc, vc, mc[:, None, None], dtype, precision_for(dtype))
+
+    out = _map_chunks(block, qb, kw, vw, mask)  # [B, nb, C, K, G, H], one block at a time
     return out.reshape(B, nb * C, K, G, H)[:, :L]
 
 

@@ -161,6 +161,34 @@ def test_local_equals_dense_with_padding():
         assert np.isfinite(lo).all(), "fully masked padded rows must stay finite"
 
 
+@pytest.mark.parametrize("L,radius", [(1024, None), (512, 256), (1024, 256), (1000, 40), (1000, None)])
+def test_xla_attention_equals_one_plain_softmax(L, radius):
+    """The XLA path runs queries in chunks / blocks under lax.map above QUERY_CHUNK: it must equal a
+    single float64 softmax over the masked score matrix, at the lengths where each branch runs."""
+    from embeddinggemma_jax.attention import attend
+
+    rng = np.random.default_rng(2)
+    B, K, G, H = 2, 1, 3, 16
+    q = rng.normal(size=(B, L, K, G, H)).astype(np.float32)
+    k = rng.normal(size=(B, L, K, H)).astype(np.float32)
+    v = rng.normal(size=(B, L, K, H)).astype(np.float32)
+    lengths = np.array([L, 300])
+    valid = np.arange(L)[None] < lengths[:, None]
+    got = np.asarray(attend(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), jnp.asarray(valid), radius, jnp.float32))
+
+    s = np.einsum("blkgh,bskh->bkgls", q.astype(np.float64), k.astype(np.float64))
+    mask = valid[:, None, None, None, :]
+    if radius is not None:
+        pos = np.arange(L)
+        mask = mask & (np.abs(pos[:, None] - pos[None, :]) <= radius)
+    s = np.where(mask, s, -np.inf)
+    p = np.exp(s - s.max(-1, keepdims=True))
+    ref = np.einsum("bkgls,bskh->blkgh", p / p.sum(-1, keepdims=True), v.astype(np.float64))
+    for b, n in enumerate(lengths):
+        np.testing.assert_allclose(got[b, :n], ref[b, :n], rtol=1e-5, atol=2e-6)
+    assert np.isfinite(got).all()
+
+
 def test_full_size_parameter_count_without_allocating():
     abstract = abstract_module(EncoderConfig(), HeadConfig())
     leaves = jax.tree.leaves(abstract)
