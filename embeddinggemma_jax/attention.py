@@ -9,9 +9,10 @@ on a sliding layer, so the mask value is finite: softmax then stays finite (such
 by the pooling), where ``-inf`` would give NaN.
 
 Kernels, all computing the same function:
-- ``dense``: the full [L, S] score matrix with the mask applied (full layers; short inputs);
+- ``dense``: every key for every query, with the mask applied (full layers; short inputs), in
+  chunks of ``QUERY_CHUNK`` queries one after another;
 - ``local``: queries in blocks of C, each against its own window of C + 2P keys, so sliding
-  layers cost time linear in L;
+  layers cost time linear in L; blocks run one after another;
 - ``cudnn`` / ``splash``: accelerator paths selected by backend (see ``select_impl``).
 """
 

@@ -25,7 +25,7 @@ from embeddinggemma_jax.errors import WeightsError
 from embeddinggemma_jax.head import EmbeddingGemmaModule, apply_dimensions, check_dimensions
 from embeddinggemma_jax.io_utils import read_json
 from embeddinggemma_jax.tokenize import (DEFAULT_LENGTH_BUCKETS, Batch, TextTokenizer, buckets_for, check_texts,
-                                         make_batches)
+                                         check_max_batch_tokens, default_max_batch_tokens, make_batches)
 
 DOCUMENT_TEMPLATE = "title: {title} | text: "
 
@@ -46,7 +46,8 @@ class EmbeddingGemma:
 
     def __init__(self, module: EmbeddingGemmaModule, encoder_config: EncoderConfig, head_config: HeadConfig,
                  tokenizer: TextTokenizer, *, dtype: str = "float32", length_buckets: Sequence[int] | None = None,
-                 attention_impl: str | None = None, source: Path | None = None):
+                 attention_impl: str | None = None, source: Path | None = None,
+                 max_batch_tokens: int | None | str = "auto"):
         self.encoder_config = encoder_config
         self.head_config = head_config
         self.tokenizer = tokenizer
@@ -54,6 +55,9 @@ class EmbeddingGemma:
         self.source = source
         self.length_buckets = buckets_for(head_config.max_seq_length, length_buckets or DEFAULT_LENGTH_BUCKETS)
         self.attention_impl = attention_impl or select_impl()
+        # Cap on rows x length per batch: "auto" is 2,048 on CPU (cache-sized batches run faster per
+        # token there) and no cap on accelerators; None never caps.
+        self.max_batch_tokens = max_batch_tokens
         self.graphdef, self.state = nnx.split(module)
         self.compile_count = 0  # traces of the jitted step == compilations (one per batch shape)
         self._lock = threading.Lock()
@@ -95,6 +99,15 @@ class EmbeddingGemma:
         model = cls(module, enc, head, tok, dtype=dtype, source=folder, **kw)
         model.hf_config = read_json(folder / "config.json")
         return model
+
+    @property
+    def max_batch_tokens(self) -> int | None:
+        """Cap on rows x length of a batch (None: no cap); "auto" when set picks the backend's default."""
+        return self._max_batch_tokens
+
+    @max_batch_tokens.setter
+    def max_batch_tokens(self, value: int | None | str) -> None:
+        self._max_batch_tokens = default_max_batch_tokens() if value == "auto" else check_max_batch_tokens(value)
 
     @property
     def module(self) -> EmbeddingGemmaModule:
@@ -152,9 +165,14 @@ class EmbeddingGemma:
     def embed_token_ids(self, token_ids: Sequence[Sequence[int]], batch_size: int = 32) -> np.ndarray:
         """Unnormalised [n, out] fp32 for pre-tokenised inputs, in input order."""
         out = np.zeros((len(token_ids), self.dimensions), np.float32)
-        for batch in make_batches(token_ids, batch_size, self.length_buckets, self.tokenizer.pad_id):
+        for batch in self.batches(token_ids, batch_size):
             out[batch.index] = self.embed_batch(batch)
         return out
+
+    def batches(self, token_ids: Sequence[Sequence[int]], batch_size: int = 32) -> list[Batch]:
+        """The padded batches ``encode`` runs: length buckets, at most ``batch_size`` rows and (where
+        set) ``max_batch_tokens`` tokens each."""
+        return make_batches(token_ids, batch_size, self.length_buckets, self.tokenizer.pad_id, self.max_batch_tokens)
 
     def encode_query(self, texts, **kw) -> np.ndarray:
         kw.setdefault("prompt_name", "query")

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from embeddinggemma_jax import EmbeddingGemma
-from embeddinggemma_jax.tokenize import make_batches
+from embeddinggemma_jax.tokenize import make_batches, rows_per_batch
 
 
 @pytest.fixture(scope="module")
@@ -57,6 +57,47 @@ def test_batches_are_sorted_bucketed_and_complete(tiny):
         for r, i in enumerate(b.index):
             n = len(ids[i])
             assert b.mask[r].sum() == n and (b.ids[r, :n] == ids[i]).all() and (b.ids[r, n:] == 0).all()
+
+
+def test_max_tokens_caps_rows_times_length():
+    assert [rows_per_batch(L, 32, 2048) for L in (16, 64, 128, 300, 512, 2048)] == [32, 32, 16, 4, 4, 1]
+    assert rows_per_batch(4096, 32, 2048) == 1  # a text longer than the cap still gets its row
+    assert rows_per_batch(512, 32, None) == 32
+    rng = np.random.default_rng(5)
+    ids = [list(range(2, 2 + int(n))) for n in rng.integers(1, 300, 50)]
+    buckets = (16, 32, 64, 128, 256, 512)
+    for cap in (None, 1, 64, 100, 1000):
+        batches = make_batches(ids, 8, buckets, max_tokens=cap)
+        assert sorted(np.concatenate([b.index for b in batches]).tolist()) == list(range(50))
+        for b in batches:
+            rows, L = b.ids.shape
+            assert rows <= 8 and rows & (rows - 1) == 0  # powers of two (8 is one): few shapes to compile
+            if cap is not None:
+                assert rows * L <= max(cap, L), (cap, b.ids.shape)
+        # A bucket's last batch hands its spare rows to the next, shorter texts: rows of pure padding
+        # appear only in the very last batch.
+        assert [k for k, b in enumerate(batches) if (b.mask.sum(1) == 0).any()] in ([], [len(batches) - 1])
+        assert [b.ids.shape[1] for b in batches] == sorted((b.ids.shape[1] for b in batches), reverse=True)
+    with pytest.raises(ValueError, match="max_batch_tokens must be a positive integer"):
+        make_batches(ids, 8, buckets, max_tokens=0)
+
+
+def test_max_batch_tokens_changes_batches_not_embeddings(tiny_folder, tiny):
+    assert tiny.max_batch_tokens == 2048  # the CPU default ("auto")
+    capped = EmbeddingGemma.from_pretrained(tiny_folder, max_batch_tokens=64)
+    uncapped = EmbeddingGemma.from_pretrained(tiny_folder, max_batch_tokens=None)
+    rng = np.random.default_rng(6)
+    texts = ["z" * int(n) for n in rng.integers(0, 150, 40)]
+    ids = capped.tokenizer.encode(texts)
+    assert {b.ids.shape for b in capped.batches(ids, 16)} != {b.ids.shape for b in uncapped.batches(ids, 16)}
+    assert all(b.ids.size <= max(64, b.ids.shape[1]) for b in capped.batches(ids, 16))
+    np.testing.assert_allclose(capped.encode(texts, batch_size=16), uncapped.encode(texts, batch_size=16), atol=1e-6)
+    with pytest.raises(ValueError, match="max_batch_tokens"):
+        EmbeddingGemma.from_pretrained(tiny_folder, max_batch_tokens=-5)
+    with pytest.raises(ValueError, match="max_batch_tokens"):
+        capped.max_batch_tokens = "2048"
+    capped.max_batch_tokens = "auto"
+    assert capped.max_batch_tokens == 2048
 
 
 # --------------------------------------------------------------------------- prompts and titles
@@ -162,7 +203,7 @@ def test_compiles_once_per_bucket_shape(tiny_folder):
     model = EmbeddingGemma.from_pretrained(tiny_folder)
     rng = np.random.default_rng(3)
     texts = ["q" * int(n) for n in rng.lognormal(3.0, 1.0, 200).clip(0, 200)]
-    batches = make_batches(model.tokenizer.encode(texts), 16, model.length_buckets)
+    batches = model.batches(model.tokenizer.encode(texts), 16)
     shapes = {b.ids.shape for b in batches}
     assert len(batches) > len(shapes)  # several batches share a shape
     model.encode(texts, batch_size=16)

@@ -19,7 +19,7 @@ from flax import nnx
 
 from embeddinggemma_jax import hub
 from embeddinggemma_jax.io_utils import read_json
-from embeddinggemma_jax.tokenize import DEFAULT_LENGTH_BUCKETS, TextTokenizer
+from embeddinggemma_jax.tokenize import TRAIN_LENGTH_BUCKETS, TextTokenizer
 from embeddinggemma_jax.train import step as st
 from embeddinggemma_jax.train.checkpointing import TrainCheckpoints
 from embeddinggemma_jax.train.data import BatchEncoder, Fields, PairFile, PairStream, Position
@@ -84,7 +84,7 @@ class Run:
         self.step_fn = st.make_train_step(self.t, cfg, self.tx, self.shardings, self.dims, self.weights)
         tok = TextTokenizer(self.folder / "tokenizer.json", self.head.max_seq_length, self.enc.pad_token_id,
                             self.enc.eos_token_id)
-        buckets = (rc.max_length,) if rc.pad_to_max_length else DEFAULT_LENGTH_BUCKETS
+        buckets = (rc.max_length,) if rc.pad_to_max_length else TRAIN_LENGTH_BUCKETS
         self.encoder = BatchEncoder(tok, self.head.prompts, rc.max_length, buckets,
                                     rc.query_prompt, rc.document_prompt)
         self.out = Path(rc.output_dir)
