@@ -29,12 +29,19 @@ def test_corpora_have_the_requested_lengths(tiny_folder):
 def test_bench_command_reports_every_engine(tiny_folder):
     out = subprocess.run([sys.executable, str(REPO / "benchmarks" / "bench.py"), "--model", str(tiny_folder),
                           "--engines", "jax-float32,st-float32", "--docstrings", "6", "--long-docs", "1",
-                          "--threads", "1", "--json"], capture_output=True, text=True, timeout=600,
+                          "--threads", "1", "--st-batch-size", "1", "--rounds", "2", "--json"],
+                         capture_output=True, text=True, timeout=600,
                          env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"})
     assert out.returncode == 0, out.stderr[-2000:]
     r = json.loads(out.stdout)
     assert r["threads"] == 1 and set(r["engines"]) == {"jax-float32", "st-float32"}
+    assert r["st_batch_size"] == 1 and r["batch_size"] == 32 and r["rounds"] == 2
+    for e in r["engines"].values():  # each engine ran twice; the fastest round is reported
+        for c in e["corpora"].values():
+            assert len(c["tokens_per_s_rounds"]) == 2 and c["tokens_per_s"] == max(c["tokens_per_s_rounds"])
     jx = r["engines"]["jax-float32"]
+    assert jx["max_batch_tokens"] == r["max_batch_tokens"] == 2048  # "auto" on a CPU
+    assert all(rows * L <= max(2048, L) for c in jx["corpora"].values() for rows, L in c["batch_shapes"])
     for name in ("docstrings", "long"):
         c = jx["corpora"][name]
         assert c["tokens"] == r["engines"]["st-float32"]["corpora"][name]["tokens"]  # same tokens counted
