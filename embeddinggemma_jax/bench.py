@@ -239,7 +239,8 @@ def _run_worker(cmd: list[str], threads: int, out_json: Path, timeout: float) ->
 def _run_engine(engine, folder, tmp, threads, batch_size, st_batch_size, repeats, max_batch_tokens, timeout) -> dict:
     out_json = tmp / f"{engine}.json"
     out_json.unlink(missing_ok=True)
-    if engine.startswith("st-"):
+    st = engine.startswith("st-")
+    if st:
         if not ST_WORKER.is_file():
             raise FileNotFoundError(f"{ST_WORKER} is missing: the sentence-transformers side runs from a "
                                     "repository checkout; leave out the st-* engines to skip it")
@@ -247,9 +248,8 @@ def _run_engine(engine, folder, tmp, threads, batch_size, st_batch_size, repeats
     else:
         script = ["-m", "embeddinggemma_jax.bench", "--worker"]
     cmd = [sys.executable, *script, engine, str(folder), str(tmp), "--threads", str(threads),
-           "--batch-size", str(st_batch_size if engine.startswith("st-") else batch_size),
-           "--repeats", str(repeats)]
-    if not engine.startswith("st-"):  # sentence-transformers batches by batch_size alone
+           "--batch-size", str(st_batch_size if st else batch_size), "--repeats", str(repeats)]
+    if not st:  # sentence-transformers batches by batch_size alone
         cmd += ["--max-batch-tokens", str(max_batch_tokens).lower()]
     return _run_worker(cmd, threads, out_json, timeout)
 
@@ -270,7 +270,7 @@ def run(model: str, engines=ENGINES, docstrings: int = 64, long_docs: int = 4, l
     from embeddinggemma_jax import hub
     from embeddinggemma_jax.model import read_configs
     from embeddinggemma_jax.tokenize import (DEFAULT_LENGTH_BUCKETS, TextTokenizer, buckets_for,
-                                             default_max_batch_tokens)
+                                             resolve_max_batch_tokens)
 
     bad = [e for e in engines if e not in ENGINES]
     if bad:
@@ -287,7 +287,7 @@ def run(model: str, engines=ENGINES, docstrings: int = 64, long_docs: int = 4, l
         corpora["long"] = long_documents(tok, long_docs, min(long_tokens, head.max_seq_length))
     ids = {k: tok.encode(v) for k, v in corpora.items()}
     buckets = buckets_for(head.max_seq_length, DEFAULT_LENGTH_BUCKETS)
-    cap = default_max_batch_tokens() if max_batch_tokens == "auto" else max_batch_tokens  # the workers' backend
+    cap = resolve_max_batch_tokens(max_batch_tokens)  # as the JAX workers resolve it (same backend)
     st_batch_size = st_batch_size or batch_size
     report = {"schema": SCHEMA, "model": str(folder), "threads": threads, "batch_size": batch_size,
               "st_batch_size": st_batch_size, "rounds": rounds,

@@ -25,7 +25,7 @@ from embeddinggemma_jax.errors import WeightsError
 from embeddinggemma_jax.head import EmbeddingGemmaModule, apply_dimensions, check_dimensions
 from embeddinggemma_jax.io_utils import read_json
 from embeddinggemma_jax.tokenize import (DEFAULT_LENGTH_BUCKETS, Batch, TextTokenizer, buckets_for, check_texts,
-                                         check_max_batch_tokens, default_max_batch_tokens, make_batches)
+                                         make_batches, resolve_max_batch_tokens)
 
 DOCUMENT_TEMPLATE = "title: {title} | text: "
 
@@ -107,7 +107,7 @@ class EmbeddingGemma:
 
     @max_batch_tokens.setter
     def max_batch_tokens(self, value: int | None | str) -> None:
-        self._max_batch_tokens = default_max_batch_tokens() if value == "auto" else check_max_batch_tokens(value)
+        self._max_batch_tokens = resolve_max_batch_tokens(value)
 
     @property
     def module(self) -> EmbeddingGemmaModule:

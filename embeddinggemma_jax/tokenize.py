@@ -106,16 +106,16 @@ class Batch:
 CPU_MAX_BATCH_TOKENS = 2048
 
 
-def default_max_batch_tokens(backend: str | None = None) -> int | None:
-    import jax
+def resolve_max_batch_tokens(value="auto") -> int | None:
+    """'auto' -> the default backend's cap (``CPU_MAX_BATCH_TOKENS`` on CPU, None elsewhere); None (no cap)
+    and positive integers pass through; anything else is a ValueError."""
+    if isinstance(value, str) and value == "auto":
+        import jax
 
-    return CPU_MAX_BATCH_TOKENS if (backend or jax.default_backend()) == "cpu" else None
-
-
-def check_max_batch_tokens(value) -> int | None:
+        return CPU_MAX_BATCH_TOKENS if jax.default_backend() == "cpu" else None
     if value is None or (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
         return value
-    raise ValueError(f"max_batch_tokens must be a positive integer or None (no cap), got {value!r}")
+    raise ValueError(f"max_batch_tokens must be a positive integer, None (no cap) or 'auto', got {value!r}")
 
 
 def rows_per_batch(length: int, batch_size: int, max_tokens: int | None = None) -> int:
@@ -139,15 +139,17 @@ def make_batches(token_ids: Sequence[Sequence[int]], batch_size: int, buckets: S
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    max_tokens = check_max_batch_tokens(max_tokens)
+    max_tokens = resolve_max_batch_tokens(max_tokens)
     order = sorted(range(len(token_ids)), key=lambda i: -len(token_ids[i]))
     bucket = [bucket_length(len(token_ids[i]), buckets) for i in order]  # non-increasing
     batches, s = [], 0
     while s < len(order):
         L = bucket[s]
         size = rows_per_batch(L, batch_size, max_tokens)
-        same = next((j for j in range(s, min(s + size, len(order))) if bucket[j] != L), min(s + size, len(order))) - s
-        rows = batch_rows(same, size)
+        same, end = s, min(s + size, len(order))
+        while same < end and bucket[same] == L:  # this bucket's texts among the next `size`
+            same += 1
+        rows = batch_rows(same - s, size)
         chunk = order[s:s + rows]
         s += len(chunk)
         ids = np.full((rows, L), pad_id, np.int32)
