@@ -37,7 +37,7 @@ def main(argv=None) -> int:
     import jax.numpy as jnp
     from flax import nnx
 
-    from embeddinggemma_jax import attention as A
+    from embeddinggemma_jax import attention_xla as A
     from embeddinggemma_jax.bench import best_seconds, matmul_peak_flops
     from embeddinggemma_jax.config import EncoderConfig
     from embeddinggemma_jax.encoder import Block
@@ -79,9 +79,9 @@ def main(argv=None) -> int:
         return o.reshape(q.shape)
 
     variants = {
-        "full_chunked": lambda q, k, v, m: A.attend(q, k, v, m, None, jnp.float32),
+        "full_chunked": lambda q, k, v, m: A.xla_attention(q, k, v, m, None, jnp.float32),
         "full_whole": lambda q, k, v, m: A._softmax_attend(q, k, v, m[:, None, None, None, :], jnp.float32, hp),
-        "sliding_blocks_one_at_a_time": lambda q, k, v, m: A.attend(q, k, v, m, R, jnp.float32),
+        "sliding_blocks_one_at_a_time": lambda q, k, v, m: A.xla_attention(q, k, v, m, R, jnp.float32),
         "sliding_all_blocks_at_once": whole_local,
     }
     att = {}

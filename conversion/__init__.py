@@ -1,6 +1,7 @@
-"""Command-line entry points for conversion (``convert``, ``export``) and parity checks (``parity``).
+"""The PyTorch-facing side of the project: conversion (``convert``, ``export``), the parity check
+(``parity``) and the sentence-transformers benchmark worker (``st_worker``).
 
-The conversion logic itself lives in ``embeddinggemma_jax.checkpoint`` (Orbax) and
-``embeddinggemma_jax.weights`` (the safetensors table); ``parity`` is the only code in this project
-that imports PyTorch, and only when that command runs.
+The safetensors table lives in ``embeddinggemma_jax.weights`` and Orbax in
+``embeddinggemma_jax.checkpoint``; ``parity`` and ``st_worker`` are the only code in this project that
+imports PyTorch, and only when they run.
 """

@@ -22,6 +22,8 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from embeddinggemma_jax.head import l2_normalize
+
 DEFAULT_MIN_COSINE = {"float32": 0.99999, "bfloat16": 0.9995}
 # Relative error ||h_jax - h_torch|| / ||h_torch|| of a layer's output above which that layer is
 # named as the first one where the ports diverge. Healthy fp32 ports stay orders of magnitude below.
@@ -135,11 +137,12 @@ def first_jump(rel_err: Sequence[float], tolerance: float) -> int | None:
 
 def reference_folder(name_or_path: str, scratch: Path) -> Path:
     """A sentence-transformers folder for PyTorch: the folder itself, or an fp32 export of an Orbax checkpoint."""
+    from conversion.convert import export
     from embeddinggemma_jax import checkpoint, hub
 
     folder = hub.resolve(name_or_path)
     if checkpoint.is_checkpoint(folder):
-        return checkpoint.export(folder, scratch / "exported", dtype="float32")
+        return export(folder, scratch / "exported", dtype="float32")
     return folder
 
 
@@ -227,8 +230,7 @@ def run_parity(model: str, cases: Sequence[tuple[str, str]] | None = None, *, re
             tol = LAYER_TOLERANCE[dtype]
             layer_report = LayerReport([float(x) for x in rel], [float(x) for x in mx], first_jump(rel, tol), tol)
 
-    got_n = got / np.maximum(np.linalg.norm(got, axis=1, keepdims=True), 1e-12)
-    ref_n = ref / np.maximum(np.linalg.norm(ref, axis=1, keepdims=True), 1e-12)
+    got_n, ref_n = l2_normalize(got), l2_normalize(ref)
     cos = np.sum(got_n.astype(np.float64) * ref_n.astype(np.float64), axis=1)
     maxabs = np.abs(got_n.astype(np.float64) - ref_n.astype(np.float64)).max(axis=1)
     rows = [{"name": n, "tokens": int(k), "cosine": float(c), "max_abs_diff": float(d)}
@@ -298,14 +300,15 @@ def cmd_parity(args) -> int:
     return 0
 
 
-def add_parser(sub) -> None:
+PARITY_HELP = "compare embeddings with sentence-transformers (PyTorch)"
+PARITY_DESCRIPTION = ("Run sentence-transformers (PyTorch, fp32) and this package on the same texts; print per-text "
+                      "token count, cosine and max abs difference, then min/median cosine and the worst cases. Exit "
+                      "status 1 when any cosine is under the threshold.")
+
+
+def add_parity_arguments(p) -> None:
     from embeddinggemma_jax.hub import DEFAULT_MODEL
 
-    p = sub.add_parser("parity", help="compare embeddings with sentence-transformers (PyTorch)",
-                       description="Run sentence-transformers (PyTorch, fp32) and this package on the same texts; "
-                                   "print per-text token count, cosine and max abs difference, then min/median "
-                                   "cosine and the worst cases. Exit status 1 when any cosine is under the "
-                                   "threshold.")
     p.add_argument("--model", default=DEFAULT_MODEL,
                    help=f"folder, hub id, Orbax checkpoint or exported folder (default: {DEFAULT_MODEL})")
     p.add_argument("--reference", default=None,
@@ -324,4 +327,3 @@ def add_parser(sub) -> None:
     p.add_argument("--layers", action="store_true",
                    help="also compare hidden states after every layer and name the first layer whose error jumps")
     p.add_argument("--report", metavar="OUT.json", help="write the full report as JSON")
-    p.set_defaults(func=cmd_parity)

@@ -1,12 +1,12 @@
-"""Accelerator attention kernels, each computing exactly what ``attention.attend(impl="xla")`` does.
+"""Accelerator attention kernels, each computing exactly what the XLA path (``attention_xla``) does.
 
 - ``cudnn`` (GPUs): ``jax.nn.dot_product_attention`` with ``implementation="cudnn"``.
   cuDNN's flash attention only takes bf16/fp16 and only a *left* sliding window (or a causal
   one), while EmbeddingGemma's window is symmetric (``|i - j| <= radius``). So:
   full layers use the kernel with key padding as per-row key lengths; sliding layers run it on
-  the same blocked layout as the XLA path (``attention.local_windows``: each block of C queries
+  the same blocked layout as the XLA path (``attention_xla.local_windows``: each block of C queries
   against its 2p+1 key blocks) with the band and padding as a boolean mask, so they stay linear
-  in L. fp32 is not a cuDNN flash-attention dtype: it goes to the XLA path.
+  in L. fp32 is not a cuDNN flash-attention dtype: ``attention.select_impl`` sends fp32 to XLA.
 - ``splash`` (TPUs): Pallas splash attention with ``LocalMask((radius, radius))`` on sliding
   layers and ``FullMask`` on full layers; key padding as segment ids (a real token is segment 1,
   padding segment 0, so a padded query attends only to padding: finite, and dropped by the
@@ -22,7 +22,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from embeddinggemma_jax import attention
+from embeddinggemma_jax.attention_xla import local_windows, use_local
 
 IMPLS = ("cudnn", "splash")
 SPLASH_BLOCK = 128  # TPU lane width: splash tiles are multiples of it
@@ -36,8 +36,6 @@ def attend(q, k, v, key_valid, radius: int | None, dtype, impl: str, *, dpa_impl
     ``jax.nn.dot_product_attention``'s XLA implementation, and splash in interpret mode.
     """
     if impl == "cudnn":
-        if jnp.dtype(dtype) == jnp.float32 and dpa_implementation == "cudnn":
-            return attention.attend(q, k, v, key_valid, radius, dtype, "xla")  # cuDNN flash has no fp32
         return cudnn_attention(q, k, v, key_valid, radius, dtype, dpa_implementation)
     if impl == "splash":
         return splash_attention(q, k, v, key_valid, radius, dtype, interpret)
@@ -54,14 +52,17 @@ def _dpa(q, k, v, mask, lengths, implementation):
 
 
 def cudnn_attention(q, k, v, key_valid, radius: int | None, dtype, implementation: str | None = "cudnn"):
+    if implementation == "cudnn" and jnp.dtype(dtype) == jnp.float32:
+        raise ValueError("cuDNN flash attention has no float32 kernel; use attention_impl='xla' for float32 "
+                         "(attention.select_impl does)")
     B, L, K, G, H = q.shape
     q, k, v = q.astype(dtype), k.astype(dtype), v.astype(dtype)
     if radius is None:
         # At least one key per row: the all-padding rows that fill a batch stay finite.
         lengths = jnp.maximum(key_valid.sum(-1), 1).astype(jnp.int32)
         return _dpa(q, k, v, None, lengths, implementation)
-    if attention.use_local(L, radius):
-        qb, kw, vw, mask = attention.local_windows(q, k, v, key_valid, radius)
+    if use_local(L, radius):
+        qb, kw, vw, mask = local_windows(q, k, v, key_valid, radius)
         nb, C, W = qb.shape[1], qb.shape[2], kw.shape[2]
         # A query block past the end of a short row sees no valid key: let it see its own window
         # (its output is padding, dropped by the pooling) rather than an all-masked row.

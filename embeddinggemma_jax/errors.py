@@ -15,3 +15,23 @@ class WeightsError(EmbeddingGemmaError, ValueError):
 
 class ConfigError(EmbeddingGemmaError, ValueError):
     """A config.json describes a model this package does not implement."""
+
+
+class FileFormatError(EmbeddingGemmaError, ValueError):
+    """A file is not what it should be (not JSON, the wrong JSON type, ...): the message names it."""
+
+
+class InputError(EmbeddingGemmaError, ValueError):
+    """An input cannot be read at all (missing file, missing column, unknown format, given twice)."""
+
+
+class BadRecordError(EmbeddingGemmaError, ValueError):
+    """A malformed record where bad records are fatal: names the file and line."""
+
+
+class JobError(EmbeddingGemmaError, ValueError):
+    """A batch job cannot run as asked (settings clash with an earlier run in its folder, bad topology...)."""
+
+
+class VerifyError(EmbeddingGemmaError, ValueError):
+    """An output folder does not hold every input record exactly once."""

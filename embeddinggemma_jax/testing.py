@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx

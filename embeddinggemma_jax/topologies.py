@@ -1,7 +1,7 @@
 """TPU v5e topologies for the batch embedding job: mesh, rules, dtype and batch sizes per bucket.
 
 One table (``TOPOLOGIES``) is the home of these numbers; ``tpu/configs/*.json`` are written from it
-(``python -m embeddinggemma_jax.topologies --write tpu/configs``) and a test keeps them in sync.
+(``embeddinggemma-jax tpu-configs --write tpu/configs``) and a test keeps them in sync.
 
 Batch sizes come from an explicit HBM model (``hbm_bytes_per_row``), shown in ``tpu/README.md``:
 inference keeps the bf16 parameters replicated on every chip, and the encoder is a ``lax.scan``
@@ -10,22 +10,16 @@ over layers, so the activations alive at once are those of ONE layer for every r
 
 from __future__ import annotations
 
-import argparse
-import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from embeddinggemma_jax.batching import JOB_LENGTH_BUCKETS, round_rows
 from embeddinggemma_jax.config import EncoderConfig
+from embeddinggemma_jax.costs import param_count
 from embeddinggemma_jax.sharding import DATA_PARALLEL_RULES, FSDP_RULES
 
 GIB = 1 << 30
 V5E_HBM_BYTES = 16 * GIB
-
-# Padded lengths for the job: steps of 4-8 tokens below 128, then ~1.1-1.2x apart (finer than tokenize.DEFAULT_LENGTH_BUCKETS), so a
-# batch whose rows straddle two buckets wastes little. Each bucket costs one compilation.
-JOB_LENGTH_BUCKETS = (12, 16, 20, 24, 28, 32, 40, 48, 56, 64, 72, 80, 88, 96, 112, 128, 144, 160, 176, 192,
-                      224, 256, 288, 320, 352, 384, 448, 512, 576, 640, 768, 896, 1024, 1152, 1280, 1536, 1792,
-                      2048)
 
 RULES = {"data_parallel": DATA_PARALLEL_RULES, "fsdp": FSDP_RULES}
 
@@ -34,13 +28,6 @@ USABLE_FRACTION = 0.85  # XLA keeps part of HBM for its own buffers; never plan 
 RUNTIME_RESERVE = 1 * GIB  # compiled program, input double-buffers, collectives scratch
 SAFETY_FACTOR = 2.0  # fusion temporaries the per-token count below does not name
 TOKENS_PER_CHIP = 65536  # beyond this the MXU is saturated; bigger batches only add padding waste
-
-
-def param_count(cfg: EncoderConfig | None = None, head_hidden: int = 3072, head_out: int = 768) -> int:
-    c = cfg or EncoderConfig()
-    D, F, N, K, H = c.hidden_size, c.intermediate_size, c.num_heads, c.num_kv_heads, c.head_dim
-    per_layer = D * (N * H + 2 * K * H) + N * H * D + 3 * D * F + 4 * D + 2 * H
-    return c.vocab_size * D + c.num_layers * per_layer + D + D * head_hidden + head_hidden * head_out
 
 
 def hbm_bytes_per_token(L: int, cfg: EncoderConfig | None = None, act_bytes: int = 2) -> int:
@@ -67,19 +54,12 @@ def usable_activation_bytes(hbm: int = V5E_HBM_BYTES, cfg: EncoderConfig | None 
     return int(USABLE_FRACTION * hbm) - RUNTIME_RESERVE - 2 * param_count(cfg)  # bf16 params
 
 
-def _round_rows(n: int) -> int:
-    """Multiples of 8 (TPU sublanes) when possible, else a power of two; at least 1."""
-    if n >= 8:
-        return n // 8 * 8
-    return 1 << max(0, n.bit_length() - 1) if n >= 1 else 1
-
-
 def rows_per_chip(L: int, hbm: int = V5E_HBM_BYTES, tokens_per_chip: int = TOKENS_PER_CHIP) -> dict:
     """The arithmetic for one bucket: rows allowed by HBM, by the token budget, and the choice."""
     per_row = hbm_bytes_per_row(L)
     by_hbm = int(usable_activation_bytes(hbm) // (SAFETY_FACTOR * per_row))
     by_tokens = tokens_per_chip // L
-    rows = _round_rows(min(by_hbm, by_tokens))
+    rows = round_rows(min(by_hbm, by_tokens))
     if rows > by_hbm:
         raise ValueError(f"bucket {L} does not fit in {hbm / GIB:.0f} GiB of HBM even with one row")
     return {"length": L, "bytes_per_row": per_row, "rows_by_hbm": by_hbm, "rows_by_tokens": by_tokens,
@@ -133,8 +113,10 @@ def get(name: str) -> Topology:
 
 
 def arithmetic_table() -> str:
-    """The markdown table in tpu/README.md."""
-    lines = ["| bucket L | bytes/token | MB/row | rows by HBM | rows by tokens | rows/chip | tokens/chip |",
+    """The markdown table in tpu/README.md, after a line on the parameter and activation budget."""
+    lines = [f"params: {param_count():,} -> {2 * param_count() / GIB:.2f} GiB in bf16; usable for activations: "
+             f"{usable_activation_bytes() / GIB:.2f} GiB", "",
+             "| bucket L | bytes/token | MB/row | rows by HBM | rows by tokens | rows/chip | tokens/chip |",
              "|---:|---:|---:|---:|---:|---:|---:|"]
     for L in JOB_LENGTH_BUCKETS:
         r = rows_per_chip(L)
@@ -152,24 +134,3 @@ def write_configs(folder: str | Path) -> list[Path]:
         atomic_write_json(p, t.to_json())
         out.append(p)
     return out
-
-
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description="print or write the TPU topology configs")
-    ap.add_argument("--write", metavar="DIR", help="write one JSON per topology into DIR")
-    ap.add_argument("--table", action="store_true", help="print the HBM arithmetic table (markdown)")
-    a = ap.parse_args(argv)
-    if a.write:
-        for p in write_configs(a.write):
-            print(p)
-    if a.table:
-        print(f"params: {param_count():,} -> {2 * param_count() / GIB:.2f} GiB in bf16; usable for activations: "
-              f"{usable_activation_bytes() / GIB:.2f} GiB")
-        print(arithmetic_table())
-    if not (a.write or a.table):
-        print(json.dumps({k: v.to_json() for k, v in TOPOLOGIES.items()}, indent=1))
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -3,9 +3,9 @@
 Every parameter of ``EmbeddingGemmaModule`` appears once in ``PARAM_TABLE`` with
 - its path in the NNX state, its safetensors file and key (``{i}`` = layer index),
 - a named transform that runs both ways (torch Linear is [out, in]; we keep [in, out] and split
-  the head axis out of q/k/v/o so einsums can name it),
-- its logical axes (``sharding.py`` maps those onto a mesh).
-The loader, the Orbax converter and the exporter all go through this table.
+  the head axis out of q/k/v/o so einsums can name it).
+The loader, the Orbax converter and the exporter all go through this table. (Logical sharding
+axes live on the parameters themselves, as NNX metadata: see ``layers.param``.)
 """
 
 from __future__ import annotations
@@ -21,13 +21,16 @@ import numpy as np
 from flax import nnx
 
 from embeddinggemma_jax.config import EncoderConfig, HeadConfig
-from embeddinggemma_jax.errors import WeightsError
+from embeddinggemma_jax.errors import ConfigError, FileFormatError, WeightsError
+from embeddinggemma_jax.io_utils import read_json
 from embeddinggemma_jax.safetensors_io import SafeTensorsFile
 
 ENCODER_FILE = "model.safetensors"
 DENSE1_FILE = "2_Dense/model.safetensors"
 DENSE2_FILE = "3_Dense/model.safetensors"
 PICKLED_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
+# Stored dtypes a parameter may have (cast to the parameter dtype on load); integer tensors are refused.
+FLOAT_DTYPES = tuple(np.dtype(d) for d in (np.float32, ml_dtypes.bfloat16, np.float16, np.float64))
 
 
 @dataclass(frozen=True)
@@ -57,56 +60,39 @@ class ParamSpec:
     file: str  # safetensors file inside the folder
     key: str  # key in that file; "{i}" = layer index for per-layer parameters
     transform: Transform
-    axes: tuple[str | None, ...]  # logical axes of the JAX array (without the layers axis)
 
     @property
     def per_layer(self) -> bool:
         return "{i}" in self.key
 
-    @property
-    def logical_axes(self) -> tuple[str | None, ...]:
-        return (("layers",) + self.axes) if self.per_layer else self.axes
-
     def hf_keys(self, num_layers: int) -> list[str]:
         return [self.key.format(i=i) for i in range(num_layers)] if self.per_layer else [self.key]
 
 
-def _layer(path, key, transform, axes):
-    return ParamSpec(("encoder", "layers") + path, ENCODER_FILE, "layers.{i}." + key, transform, axes)
+def _layer(path, key, transform):
+    return ParamSpec(("encoder", "layers") + path, ENCODER_FILE, "layers.{i}." + key, transform)
 
 
-_NORM = ("embed",)
 PARAM_TABLE: tuple[ParamSpec, ...] = (
-    ParamSpec(("encoder", "embed_tokens"), ENCODER_FILE, "embed_tokens.weight", IDENTITY, ("vocab", "embed")),
-    _layer(("input_layernorm", "scale"), "input_layernorm.weight", IDENTITY, _NORM),
-    _layer(("post_attention_layernorm", "scale"), "post_attention_layernorm.weight", IDENTITY, _NORM),
-    _layer(("pre_feedforward_layernorm", "scale"), "pre_feedforward_layernorm.weight", IDENTITY, _NORM),
-    _layer(("post_feedforward_layernorm", "scale"), "post_feedforward_layernorm.weight", IDENTITY, _NORM),
-    _layer(("self_attn", "q_proj"), "self_attn.q_proj.weight", Q_HEADS, ("embed", "q_heads", "head_dim")),
-    _layer(("self_attn", "k_proj"), "self_attn.k_proj.weight", KV_HEADS, ("embed", "kv_heads", "head_dim")),
-    _layer(("self_attn", "v_proj"), "self_attn.v_proj.weight", KV_HEADS, ("embed", "kv_heads", "head_dim")),
-    _layer(("self_attn", "o_proj"), "self_attn.o_proj.weight", O_HEADS, ("q_heads", "head_dim", "embed")),
-    _layer(("self_attn", "q_norm", "scale"), "self_attn.q_norm.weight", IDENTITY, ("head_dim",)),
-    _layer(("self_attn", "k_norm", "scale"), "self_attn.k_norm.weight", IDENTITY, ("head_dim",)),
-    _layer(("mlp", "gate_proj"), "mlp.gate_proj.weight", TRANSPOSE, ("embed", "mlp")),
-    _layer(("mlp", "up_proj"), "mlp.up_proj.weight", TRANSPOSE, ("embed", "mlp")),
-    _layer(("mlp", "down_proj"), "mlp.down_proj.weight", TRANSPOSE, ("mlp", "embed")),
-    ParamSpec(("encoder", "norm", "scale"), ENCODER_FILE, "norm.weight", IDENTITY, _NORM),
-    ParamSpec(("head", "dense1"), DENSE1_FILE, "linear.weight", TRANSPOSE, ("embed", "dense_hidden")),
-    ParamSpec(("head", "dense2"), DENSE2_FILE, "linear.weight", TRANSPOSE, ("dense_hidden", "dense_out")),
+    ParamSpec(("encoder", "embed_tokens"), ENCODER_FILE, "embed_tokens.weight", IDENTITY),
+    _layer(("input_layernorm", "scale"), "input_layernorm.weight", IDENTITY),
+    _layer(("post_attention_layernorm", "scale"), "post_attention_layernorm.weight", IDENTITY),
+    _layer(("pre_feedforward_layernorm", "scale"), "pre_feedforward_layernorm.weight", IDENTITY),
+    _layer(("post_feedforward_layernorm", "scale"), "post_feedforward_layernorm.weight", IDENTITY),
+    _layer(("self_attn", "q_proj"), "self_attn.q_proj.weight", Q_HEADS),
+    _layer(("self_attn", "k_proj"), "self_attn.k_proj.weight", KV_HEADS),
+    _layer(("self_attn", "v_proj"), "self_attn.v_proj.weight", KV_HEADS),
+    _layer(("self_attn", "o_proj"), "self_attn.o_proj.weight", O_HEADS),
+    _layer(("self_attn", "q_norm", "scale"), "self_attn.q_norm.weight", IDENTITY),
+    _layer(("self_attn", "k_norm", "scale"), "self_attn.k_norm.weight", IDENTITY),
+    _layer(("mlp", "gate_proj"), "mlp.gate_proj.weight", TRANSPOSE),
+    _layer(("mlp", "up_proj"), "mlp.up_proj.weight", TRANSPOSE),
+    _layer(("mlp", "down_proj"), "mlp.down_proj.weight", TRANSPOSE),
+    ParamSpec(("encoder", "norm", "scale"), ENCODER_FILE, "norm.weight", IDENTITY),
+    ParamSpec(("head", "dense1"), DENSE1_FILE, "linear.weight", TRANSPOSE),
+    ParamSpec(("head", "dense2"), DENSE2_FILE, "linear.weight", TRANSPOSE),
 )
 ORDER = sorted(PARAM_TABLE, key=lambda s: s.path != ("encoder", "embed_tokens"))  # largest first: lowest peak
-
-
-def logical_axes_tree(state: nnx.State) -> dict[tuple[str, ...], tuple[str | None, ...]]:
-    """Logical axes of every parameter path of a model state (used by sharding.py)."""
-    table = {s.path: s.logical_axes for s in PARAM_TABLE}
-    out = {}
-    for path, _ in iter_params(state):
-        if path not in table:
-            raise WeightsError(f"parameter {'/'.join(path)} has no entry in weights.PARAM_TABLE")
-        out[path] = table[path]
-    return out
 
 
 def iter_params(state: nnx.State) -> Iterator[tuple[tuple[str, ...], nnx.Variable]]:
@@ -156,6 +142,10 @@ class CheckpointReader:
                     problems.append(f"missing {spec.file}:{k}")
                     continue
                 used[spec.file].add(k)
+                if f.dtype(k) not in FLOAT_DTYPES:
+                    problems.append(f"{spec.file}:{k} has dtype {f.header[k]['dtype']}, not a float type the model can "
+                                    "hold (F32, BF16, F16, F64)")
+                    continue
                 shape = f.shape(k)
                 want_one = want[1:] if spec.per_layer else want
                 got = _jax_shape(spec, shape, cfg)
@@ -254,31 +244,64 @@ def to_hf_tensors(state: nnx.State, cfg: EncoderConfig, dtype="float32") -> dict
     return out
 
 
+def read_folder_configs(folder: Path) -> tuple[EncoderConfig, HeadConfig]:
+    """(encoder config, head config) of a sentence-transformers folder, checked against each other.
+    Every problem is one line naming the file."""
+    cfg_path = folder / "config.json"
+    if not cfg_path.is_file():
+        raise WeightsError(f"{cfg_path} is missing; pass a sentence-transformers folder of EmbeddingGemma")
+    try:
+        enc = EncoderConfig.from_hf_config(read_json(cfg_path, expect=dict))
+    except FileFormatError:
+        raise
+    except ConfigError as e:
+        raise ConfigError(f"{cfg_path}: {e}") from None
+    except KeyError as e:
+        raise ConfigError(f"{cfg_path} lacks {e.args[0]!r}; it is not a complete Gemma-3 config.json") from None
+    except (TypeError, ValueError, AttributeError) as e:
+        raise ConfigError(f"{cfg_path} holds a value of the wrong type ({e}); fix or replace the file") from None
+    head = head_config_from_folder(folder)
+    if head.in_features != enc.hidden_size:
+        raise WeightsError(f"{folder / '2_Dense' / 'config.json'} expects {head.in_features} inputs but the encoder "
+                           f"in {cfg_path} is {enc.hidden_size} wide")
+    return enc, head
+
+
+def _optional_json(path: Path, expect: type, default):
+    return read_json(path, expect=expect) if path.is_file() else default
+
+
 def head_config_from_folder(folder: Path, base: HeadConfig | None = None) -> HeadConfig:
     """Read the Dense configs and sentence-transformers settings of a folder into a HeadConfig."""
-    from embeddinggemma_jax.io_utils import read_json
-
     base = base or HeadConfig()
-    d1 = read_json(folder / "2_Dense" / "config.json")
-    d2 = read_json(folder / "3_Dense" / "config.json")
-    for d, name in ((d1, "2_Dense"), (d2, "3_Dense")):
+    dense = []
+    for name in ("2_Dense", "3_Dense"):
+        path = folder / name / "config.json"
+        if not path.is_file():
+            raise WeightsError(f"{path} is missing; a sentence-transformers folder of EmbeddingGemma has 2_Dense/ "
+                               "and 3_Dense/ (re-download or re-export the model)")
+        d = read_json(path, expect=dict)
         act = d.get("activation_function", "torch.nn.modules.linear.Identity")
-        if d.get("bias", False) or not act.endswith("Identity"):
-            raise WeightsError(f"{name}/config.json describes a Dense layer with bias or activation {act}; "
+        if d.get("bias", False) or not str(act).endswith("Identity"):
+            raise WeightsError(f"{path} describes a Dense layer with bias or activation {act}; "
                                "EmbeddingGemma's are bias-free and linear")
-    st = read_json(folder / "config_sentence_transformers.json") if (folder / "config_sentence_transformers.json").is_file() else {}
-    sb = read_json(folder / "sentence_bert_config.json") if (folder / "sentence_bert_config.json").is_file() else {}
-    modules = read_json(folder / "modules.json") if (folder / "modules.json").is_file() else []
+        missing = [k for k in ("in_features", "out_features") if not isinstance(d.get(k), int)]
+        if missing:
+            raise WeightsError(f"{path} lacks an integer {missing[0]!r}; fix or replace the file")
+        dense.append(d)
+    st = _optional_json(folder / "config_sentence_transformers.json", dict, {})
+    sb = _optional_json(folder / "sentence_bert_config.json", dict, {})
+    modules = _optional_json(folder / "modules.json", list, [])
     pooling = folder / "1_Pooling" / "config.json"
-    if pooling.is_file():
-        pc = read_json(pooling)
-        if not pc.get("pooling_mode_mean_tokens", False):
-            raise WeightsError(f"{pooling} does not use mean pooling; EmbeddingGemma uses mean pooling")
+    if pooling.is_file() and not read_json(pooling, expect=dict).get("pooling_mode_mean_tokens", False):
+        raise WeightsError(f"{pooling} does not use mean pooling; EmbeddingGemma uses mean pooling")
     return dataclasses.replace(
         base,
-        in_features=d1["in_features"], hidden_features=d1["out_features"], out_features=d2["out_features"],
-        normalize=any(m.get("type", "").endswith("Normalize") for m in modules) if modules else True,
+        in_features=dense[0]["in_features"], hidden_features=dense[0]["out_features"],
+        out_features=dense[1]["out_features"],
+        normalize=any(str(m.get("type", "")).endswith("Normalize") for m in modules if isinstance(m, dict))
+        if modules else True,
         max_seq_length=sb.get("max_seq_length", base.max_seq_length),
-        prompts=dict(st.get("prompts", {})),
+        prompts=dict(st.get("prompts") or {}),
         default_prompt_name=st.get("default_prompt_name"),
     )

@@ -25,7 +25,7 @@ def tiny_folder(tmp_path_factory):
 def real_folder():
     from embeddinggemma_jax import hub
 
-    folder, why = hub._cached(REAL_MODEL)
+    folder, why = hub.cached(REAL_MODEL)
     if folder is None:
         if os.environ.get("CI"):
             pytest.fail(f"real weights are not in the cache ({why}); .ci/run should have fetched them")

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from embeddinggemma_jax import EmbeddingGemma
-from embeddinggemma_jax.tokenize import make_batches, rows_per_batch
+from embeddinggemma_jax.batching import BatchPlanner
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +48,7 @@ def test_order_preserved_after_bucketing(tiny):
 
 def test_batches_are_sorted_bucketed_and_complete(tiny):
     ids = tiny.tokenizer.encode(["a" * n for n in (3, 100, 17, 50, 0, 64)])
-    batches = make_batches(ids, 2, tiny.length_buckets)
+    batches = BatchPlanner(tiny.length_buckets, 2).batches(ids)
     seen = np.concatenate([b.index for b in batches])
     assert sorted(seen.tolist()) == list(range(6))
     for b in batches:
@@ -60,14 +60,15 @@ def test_batches_are_sorted_bucketed_and_complete(tiny):
 
 
 def test_max_tokens_caps_rows_times_length():
-    assert [rows_per_batch(L, 32, 2048) for L in (16, 64, 128, 300, 512, 2048)] == [32, 32, 16, 4, 4, 1]
-    assert rows_per_batch(4096, 32, 2048) == 1  # a text longer than the cap still gets its row
-    assert rows_per_batch(512, 32, None) == 32
+    capped = BatchPlanner((16, 64, 128, 300, 512, 2048, 4096), 32, max_tokens=2048)
+    assert [capped.full_rows(L) for L in (16, 64, 128, 300, 512, 2048)] == [32, 32, 16, 4, 4, 1]
+    assert capped.full_rows(4096) == 1  # a text longer than the cap still gets its row
+    assert BatchPlanner((512,), 32).full_rows(512) == 32
     rng = np.random.default_rng(5)
     ids = [list(range(2, 2 + int(n))) for n in rng.integers(1, 300, 50)]
     buckets = (16, 32, 64, 128, 256, 512)
     for cap in (None, 1, 64, 100, 1000):
-        batches = make_batches(ids, 8, buckets, max_tokens=cap)
+        batches = BatchPlanner(buckets, 8, max_tokens=cap).batches(ids)
         assert sorted(np.concatenate([b.index for b in batches]).tolist()) == list(range(50))
         for b in batches:
             rows, L = b.ids.shape
@@ -79,7 +80,7 @@ def test_max_tokens_caps_rows_times_length():
         assert [k for k, b in enumerate(batches) if (b.mask.sum(1) == 0).any()] in ([], [len(batches) - 1])
         assert [b.ids.shape[1] for b in batches] == sorted((b.ids.shape[1] for b in batches), reverse=True)
     with pytest.raises(ValueError, match="max_batch_tokens must be a positive integer"):
-        make_batches(ids, 8, buckets, max_tokens=0)
+        BatchPlanner(buckets, 8, max_tokens=0)
 
 
 def test_max_batch_tokens_changes_batches_not_embeddings(tiny_folder, tiny):

@@ -1,4 +1,4 @@
-"""The batch embedding job: readers, batcher, shards, resume after SIGKILL, multi-device and
+"""The batch embedding job: readers, batch plans, shards, resume after SIGKILL, multi-device and
 multi-process equality, verify, padding efficiency on a long-tailed corpus."""
 
 from __future__ import annotations
@@ -20,9 +20,9 @@ import numpy as np
 import pytest
 
 from embeddinggemma_jax.batch import shards
-from embeddinggemma_jax.batch.batcher import allowed_rows, pad_batch, padding_efficiency, plan_batches
 from embeddinggemma_jax.batch.job import EmbedOptions, JobError, VerifyError, run_embed, verify
 from embeddinggemma_jax.batch.readers import BadRecordError, InputSpec, iter_units
+from embeddinggemma_jax.batching import BatchPlanner, allowed_rows, plan_efficiency
 
 ROOT = Path(__file__).resolve().parents[1]
 # Few batch shapes (compilation dominates the tiny model's run time): two buckets, no shrinking.
@@ -118,24 +118,25 @@ def test_text_and_parquet_inputs(tmp_path):
         list(iter_units(InputSpec((str(q),), "parquet", text_field="text")))
 
 
-# ------------------------------------------------------------------------------------------ batcher
+# ------------------------------------------------------------------------------------------ batch plans
 def test_plan_batches_places_every_record_once_in_fixed_shapes():
     rng = np.random.default_rng(0)
     lengths = np.minimum(2048, (rng.pareto(1.2, 3000) * 20 + 5).astype(int)).tolist()
     buckets = (16, 32, 64, 128, 256, 512, 1024, 2048)
     rows_for = {L: max(8, 4096 // L // 8 * 8) for L in buckets}
     for shrink in (False, True):
-        plan = plan_batches(lengths, buckets, rows_for.__getitem__, shrink=shrink, row_multiple=8)
+        plan = BatchPlanner(buckets, rows_for, shrink="fine" if shrink else "none", row_multiple=8).plan(lengths)
         idx = np.concatenate([b.index for b in plan])
         assert sorted(idx.tolist()) == list(range(len(lengths)))
         for b in plan:
-            assert b.rows in allowed_rows(rows_for[b.length], 8) and b.rows % 8 == 0
+            assert b.rows in allowed_rows(rows_for[b.length], "fine", 8) and b.rows % 8 == 0
             assert max(lengths[i] for i in b.index) <= b.length and len(b.index) <= b.rows
             if not shrink:
                 assert b.rows == rows_for[b.length]
         assert sum(len(b.index) < b.rows for b in plan) <= (len(buckets) if shrink else 1)
-    ids, mask = pad_batch([[5, 6, 7], [8]], plan_batches([3, 1], (4,), lambda L: 2)[0], pad_id=0)
-    assert ids.tolist() == [[5, 6, 7, 0], [8, 0, 0, 0]] and mask.sum() == 4
+    planner = BatchPlanner((4,), 2, pad_id=0, shrink="none")
+    batch = planner.pad([[5, 6, 7], [8]], planner.plan([3, 1])[0])
+    assert batch.ids.tolist() == [[5, 6, 7, 0], [8, 0, 0, 0]] and batch.mask.sum() == 4
 
 
 def stdlib_docstrings() -> list[str]:
@@ -165,8 +166,8 @@ def test_padding_efficiency_on_stdlib_docstrings(real_folder):
     lengths = [len(t) for t in tok.encode(["title: none | text: " + d for d in docs])]
     assert max(lengths) > 20 * int(np.median(lengths))  # the long tail is there
     topo = topologies.get("v5litepod-1")
-    plan = plan_batches(lengths, topo.buckets, topo.rows_per_chip.__getitem__, shrink=True)
-    eff = padding_efficiency(lengths, plan)
+    plan = BatchPlanner(topo.buckets, topo.rows_per_chip, shrink="fine").plan(lengths)
+    eff = plan_efficiency(lengths, plan)
     print(f"padding efficiency on {len(docs)} stdlib docstrings: {eff:.4f} ({len(plan)} batches)")
     assert eff >= 0.85
 

@@ -52,7 +52,9 @@ def test_bench_command_reports_every_engine(tiny_folder):
     assert jx["peak_rss_mb"] > 0 and jx["first_embedding_s"] >= jx["load_s"] > 0
 
 
-def test_bench_refuses_unknown_engine(tiny_folder):
+def test_bench_refuses_unknown_engine(tiny_folder, capsys):
     from embeddinggemma_jax.cli import main
 
     assert main(["bench", "--model", str(tiny_folder), "--engines", "jax-float16"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "unknown engine 'jax-float16'; choose from jax-float32" in err[0], err

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from conversion.convert import convert, export
 from embeddinggemma_jax import EmbeddingGemma, checkpoint
 from embeddinggemma_jax.cli import main as cli_main
 from embeddinggemma_jax.config import FULL, SLIDING, EncoderConfig, HeadConfig
@@ -152,12 +153,12 @@ def test_interrupted_convert_leaves_no_checkpoint(tiny_folder, tmp_path, monkeyp
     monkeypatch.setattr(ocp.StandardCheckpointer, "wait_until_finished", boom)
     out = tmp_path / "ckpt"
     with pytest.raises(KeyboardInterrupt):
-        checkpoint.convert(tiny_folder, out)
+        convert(tiny_folder, out)
     assert list(tmp_path.iterdir()) == []
 
 
 def test_interrupted_export_leaves_no_folder(tiny_ckpt, tmp_path, monkeypatch):
-    import embeddinggemma_jax.export as export
+    import embeddinggemma_jax.export as export_module
 
     calls = []
 
@@ -167,9 +168,9 @@ def test_interrupted_export_leaves_no_folder(tiny_ckpt, tmp_path, monkeypatch):
             raise OSError("disk full")
         return save_file(*a, **k)
 
-    monkeypatch.setattr(export, "save_file", fail_second)
+    monkeypatch.setattr(export_module, "save_file", fail_second)
     with pytest.raises(OSError):
-        checkpoint.export(tiny_ckpt, tmp_path / "out")
+        export(tiny_ckpt, tmp_path / "out")
     assert list(tmp_path.iterdir()) == []
 
 
@@ -271,12 +272,12 @@ def test_convert_replaces_an_older_checkpoint(tiny_folder, tiny_ckpt, tmp_path):
 # ----------------------------------------------------------------------------- sharded restore
 SHARDED_SCRIPT = textwrap.dedent("""
     import sys, numpy as np, jax
-    from embeddinggemma_jax import checkpoint, sharding
+    from embeddinggemma_jax import EmbeddingGemma, sharding
     from embeddinggemma_jax.weights import iter_params
     assert len(jax.devices()) == 8
     mesh = sharding.make_mesh((4, 2))
-    m = checkpoint.load_model(sys.argv[1], mesh=mesh, rules=sharding.FSDP_RULES)
-    ref = checkpoint.load_model(sys.argv[1])
+    m = EmbeddingGemma.from_pretrained(sys.argv[1], mesh=mesh, rules=sharding.FSDP_RULES)
+    ref = EmbeddingGemma.from_pretrained(sys.argv[1])
     split = 0
     for path, var in iter_params(m.state):
         a = var.get_value()

@@ -12,7 +12,7 @@ import pytest
 from embeddinggemma_jax import EmbeddingGemma
 from embeddinggemma_jax.config import EncoderConfig, HeadConfig
 from embeddinggemma_jax.export import sentence_transformers_files
-from embeddinggemma_jax.model import abstract_module, count_params
+from embeddinggemma_jax.head import abstract_module, count_params
 from embeddinggemma_jax.safetensors_io import save_file
 from embeddinggemma_jax.testing import write_byte_tokenizer
 

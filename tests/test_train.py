@@ -37,9 +37,9 @@ def compile_cache(tmp_path_factory):
 
 
 def _tokenizer(folder):
-    from embeddinggemma_jax.model import read_configs
+    from embeddinggemma_jax.weights import read_folder_configs
 
-    enc, head = read_configs(folder)
+    enc, head = read_folder_configs(folder)
     return TextTokenizer(folder / "tokenizer.json", head.max_seq_length, enc.pad_token_id, enc.eos_token_id), head
 
 
@@ -67,7 +67,8 @@ def test_loss_and_every_gradient_equal_sentence_transformers(tiny_folder):
 
     weights = (1.0, 0.5, 0.25, 2.0)
     cfg = st.TrainConfig(matryoshka_dims=TINY_DIMS, matryoshka_weights=weights, dtype="float32", remat=True)
-    _, enc, head, module = load_base(str(tiny_folder), cfg)
+    base, module = load_base(str(tiny_folder), cfg)
+    enc = base.encoder_config
     t, params = st.make_trainable(module, cfg)
     tok, head = _tokenizer(tiny_folder)
     # Queries and documents longer than the tiny window (8), of different lengths (padding matters).
@@ -146,16 +147,21 @@ def test_custom_fields_negatives_and_clear_errors(tmp_path):
     recs = PairFile(p, Fields("q", "d", "hard")).all_records()
     assert all(r[2] is not None for r in recs)
     assert all(r[2] is None for r in PairFile(p, Fields("q", "d", None)).all_records())
-    with pytest.raises(ValueError, match="has no field 'query'"):
-        PairFile(p).record(0)
+    # Every record is validated when the file is indexed, before any step: errors name the file and the line.
+    with pytest.raises(ValueError, match="p.jsonl line 1 has no field 'query'"):
+        PairFile(p)
     bad = tmp_path / "bad.jsonl"
-    bad.write_text('{"query": "a", "positive": "b"}\nnot json\n')
-    with pytest.raises(ValueError, match="record 2 is not valid JSON"):
-        PairFile(bad).record(1)
+    bad.write_text('{"query": "a", "positive": "b"}\n\nnot json\n')  # a blank line: line numbers, not records
+    with pytest.raises(ValueError, match="bad.jsonl line 3 is not valid JSON"):
+        PairFile(bad)
+    missing = tmp_path / "missing-positive.jsonl"
+    missing.write_text('{"query": "a", "positive": "b"}\n' * 5 + '{"query": "a"}\n')
+    with pytest.raises(ValueError, match="line 6 has no field 'positive'"):
+        PairFile(missing)
     mixed = tmp_path / "mixed.jsonl"
     mixed.write_text('{"query": "a", "positive": "b", "negative": "c"}\n{"query": "d", "positive": "e"}\n')
-    with pytest.raises(ValueError, match="some records have a negative"):
-        PairStream(PairFile(mixed), 2).next_batch()
+    with pytest.raises(ValueError, match="line 1 has a 'negative' field and line 2 does not"):
+        PairFile(mixed)
     with pytest.raises(FileNotFoundError, match="does not exist"):
         PairFile(tmp_path / "missing.jsonl")
 
@@ -272,9 +278,13 @@ def test_resume_refuses_changed_settings(tiny_folder, tmp_path, compile_cache):
     run = Run(RunConfig(model=str(tiny_folder), train_file=str(train), output_dir=str(tmp_path / "run"),
                         train=st.TrainConfig(matryoshka_dims=(40,)), batch_size=4, max_length=64,
                         pad_to_max_length=True, progress=False))
-    with pytest.raises(ValueError, match="was written with train_config"):
+    with pytest.raises(ValueError, match="was written with other settings") as e:
         run.resume()
     run.close()
+    msg = str(e.value)
+    # Only what differs, by flag name, with both values: not both whole configurations.
+    assert "lr: 1.0 -> 2e-05" in msg and "matryoshka_dims: [768, 512, 256, 128] -> [40]" in msg, msg
+    assert "weight_decay" not in msg and "batch_size" not in msg and len(msg) < 400, msg
 
 
 # ----------------------------------------------------------------------------- sharding
@@ -301,14 +311,14 @@ def test_fsdp_step_on_8_devices_matches_one_device(tmp_path):
 
 def test_tpu_training_configs_parse(tmp_path):
     from embeddinggemma_jax.cli import build_parser
-    from embeddinggemma_jax.train.cli import _apply_config_file, run_config
+    from embeddinggemma_jax.train.cli import run_config
 
     configs = sorted((ROOT / "tpu" / "train").glob("*.json"))
     assert configs
     for path in configs:
         args = build_parser().parse_args(["train", "--config", str(path), "--train-file", "t.jsonl",
                                           "--output-dir", str(tmp_path), "--steps", "307"])
-        rc = run_config(_apply_config_file(args))
+        rc = run_config(args)
         assert rc.train.total_steps == 307  # the command line wins over the file
         assert rc.train.dtype == "bfloat16" and rc.pad_to_max_length
         d = rc.train.mesh_shape
@@ -317,4 +327,4 @@ def test_tpu_training_configs_parse(tmp_path):
     bad.write_text('{"batchsize": 3}')
     args = build_parser().parse_args(["train", "--config", str(bad)])
     with pytest.raises(ValueError, match="unknown keys"):
-        _apply_config_file(args)
+        run_config(args)

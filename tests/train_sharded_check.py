@@ -1,16 +1,23 @@
 """Run by tests/test_train.py in a subprocess (8 fake CPU devices need XLA_FLAGS before jax is imported):
 two train steps on one device and on a (2 data x 4 fsdp) mesh with FSDP rules, results to OUT/out.json."""
-import os, sys, json
+import json
+import os
+import sys
+
 os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
-import jax, numpy as np
 from pathlib import Path
+
+import jax
+import numpy as np
+
 from embeddinggemma_jax.config import EncoderConfig, HeadConfig
-from embeddinggemma_jax.testing import make_tiny_folder
 from embeddinggemma_jax.sharding import make_mesh
-from embeddinggemma_jax.train.run import load_base
+from embeddinggemma_jax.testing import make_tiny_folder
+from embeddinggemma_jax.tokenize import TextTokenizer
 from embeddinggemma_jax.train import step as st
 from embeddinggemma_jax.train.data import BatchEncoder, TextBatch
-from embeddinggemma_jax.tokenize import TextTokenizer
+from embeddinggemma_jax.train.run import load_base
+
 assert jax.device_count() == 8
 enc = EncoderConfig.tiny(hidden_size=48, intermediate_size=64, vocab_size=264)
 head = HeadConfig.tiny(enc, hidden_features=192)
@@ -25,7 +32,8 @@ for name, fsdp, mesh in (("single", False, make_mesh((1, 1), jax.devices()[:1]))
     # update is smooth in g and the comparison measures the sharded step, not the sign of noise.
     cfg = st.TrainConfig(matryoshka_dims=(40, 16), dtype="float32", total_steps=2, learning_rate=1e-3, fsdp=fsdp,
                          adam_eps=1e-6)
-    _, enc_, head_, module = load_base(str(folder), cfg)
+    base, module = load_base(str(folder), cfg)
+    head_ = base.head_config
     t, params = st.make_trainable(module, cfg, mesh)
     tx = st.make_optimizer(cfg)
     state, sh = st.init_state(t, params, cfg, tx)

@@ -1,9 +1,11 @@
 """The batch embedding job: stream a corpus, embed it on every device of every host, resumably.
 
-``readers`` (jsonl/text/parquet units) -> ``batcher`` (fixed-shape batches) -> ``step`` (sharded,
-jitted encode) -> ``shards`` (atomic shard files) -> ``job`` (the loop, manifest, resume, verify).
+``readers`` (jsonl/text/parquet units) -> ``batching.BatchPlanner`` (fixed-shape batches) -> ``step``
+(sharded, jitted encode) -> ``shards`` (atomic shard files) -> ``job`` (the loop, manifest, resume,
+verify).
 """
 
-from embeddinggemma_jax.batch.job import EmbedOptions, JobError, VerifyError, run_embed, verify
+from embeddinggemma_jax.batch.job import EmbedOptions, run_embed, verify
+from embeddinggemma_jax.errors import JobError, VerifyError
 
 __all__ = ["EmbedOptions", "JobError", "VerifyError", "run_embed", "verify"]

@@ -2,7 +2,7 @@
 
 Flow per host: stream the inputs unit by unit (``readers``); for each unit this host owns whose
 shard is not already done: apply the prompt, tokenise, cut into fixed-shape batches
-(``batcher``), run the sharded step (``step``), write the shard (``shards``). Unit ``(f, k)``
+(``batching.BatchPlanner``), run the sharded step (``step``), write the shard (``shards``). Unit ``(f, k)``
 belongs to host ``(f + k) % processes``.
 
 Multi-host lock-step: every jitted call is a collective over all hosts, so in each round (one
@@ -18,18 +18,35 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
 
 from embeddinggemma_jax.batch import shards
-from embeddinggemma_jax.batch.batcher import PlannedBatch, pad_batch, plan_batches
-from embeddinggemma_jax.batch.readers import (BadRecordError, InputSpec, Unit, expand_inputs, infer_format, input_sizes,
-                                              iter_units)
+from embeddinggemma_jax.batch.readers import (
+    FORMATS,
+    InputSpec,
+    Unit,
+    expand_inputs,
+    infer_format,
+    input_sizes,
+    iter_units,
+)
+from embeddinggemma_jax.batching import (
+    JOB_LENGTH_BUCKETS,
+    BatchPlanner,
+    PlannedBatch,
+    buckets_for,
+    padding_efficiency,
+    round_rows,
+)
+from embeddinggemma_jax.errors import BadRecordError, JobError, VerifyError
+from embeddinggemma_jax.hub import DEFAULT_MODEL
+from embeddinggemma_jax.options import ints, option
+from embeddinggemma_jax.topologies import TOPOLOGIES
 
 MANIFEST = "manifest.json"
 JOB = "job.json"
@@ -37,38 +54,61 @@ ERRORS = "errors.jsonl"
 FORMAT_VERSION = 1
 
 
-class JobError(ValueError):
-    """The job cannot run as asked (options clash with an earlier run in DIR, bad topology...)."""
 
 
-class VerifyError(ValueError):
-    """An output folder does not hold every input record exactly once."""
+def _mesh(s: str) -> tuple[int, int]:
+    try:
+        d, f = (int(x) for x in s.split(","))
+    except ValueError:
+        raise ValueError(f"--mesh takes DATA,FSDP (e.g. 4,2), got {s!r}") from None
+    return d, f
 
 
-@dataclass
+def _buckets(s: str) -> tuple[int, ...]:
+    out = tuple(sorted(ints(s)))
+    if not out or out[0] < 1:
+        raise ValueError(f"--buckets takes positive comma-separated lengths (e.g. 64,128,256), got {s!r}")
+    return out
+
+
+@dataclass(frozen=True)
 class EmbedOptions:
-    model: str
-    inputs: Sequence[str]
-    output: str
-    format: str | None = None
-    text_field: str = "text"
-    id_field: str | None = None
-    title_field: str | None = None
-    prompt_name: str | None = "document"
-    dimensions: int | None = None
-    dtype: str | None = None
-    topology: str | None = None
-    mesh: tuple[int, int] | None = None
-    tokens_per_device: int | None = None
-    unit_size: int = 16384
-    buckets: Sequence[int] | None = None
-    shrink: bool = True
-    on_bad_record: str = "fail"
-    progress: bool = True
-    coordinator: str | None = None
-    num_processes: int | None = None
-    process_id: int | None = None
-    multihost: bool = False
+    """An ``embed`` job; every field is a flag (``options``) and is recorded in the job's job.json."""
+
+    inputs: tuple[str, ...] = option(None, "input files, local or gs:// (globs allowed)", flag="--input", nargs="+",
+                                     metavar="PATH", required=True)
+    output: str = option(None, "output folder (shared by all hosts)", metavar="DIR", required=True)
+    model: str = option(DEFAULT_MODEL, "model folder, Orbax checkpoint or hub id")
+    format: str | None = option(None, "input format (default: from the file extension)", choices=list(FORMATS))
+    text_field: str = option("text", "jsonl/parquet field with the text")
+    id_field: str | None = option(None, "jsonl/parquet field with the record id (default: FILE:LINE)")
+    title_field: str | None = option(None, "field with a title for the document prompt 'title: T | text: ...'")
+    prompt_name: str | None = option("document", "model prompt to prepend ('' for none)")
+    dimensions: int | None = option(None, "Matryoshka size (768 full, 512, 256, 128)")
+    dtype: str | None = option(None, "compute dtype (default: the topology's, bfloat16; else float32)",
+                               choices=["float32", "bfloat16"])
+    topology: str | None = option(None, "TPU slice config from tpu/configs (mesh, dtype, rows per bucket)",
+                                  choices=sorted(TOPOLOGIES, key=lambda n: int(n.split("-")[1])))
+    mesh: tuple[int, int] | None = option(None, "DATA,FSDP mesh shape (default: all devices on data)", parse=_mesh)
+    tokens_per_device: int | None = option(None, "token budget per device per batch (overrides the topology)")
+    unit_size: int = option(16384, "input lines (parquet: rows) per work unit = per output shard")
+    buckets: tuple[int, ...] | None = option(None, "padded lengths, comma-separated (default: the topology's)",
+                                             parse=_buckets)
+    shrink: bool = option(True, "shrink a sparse bucket's last batch (more compiled shapes, less padding)")
+    on_bad_record: str = option("fail", "fail names the file and line; skip writes it to errors.jsonl",
+                                choices=["fail", "skip"])
+    progress: bool = option(True, "show a progress bar")
+    multihost: bool = option(False, "call jax.distributed.initialize() (auto-detected on TPU pods); run on every "
+                                    "worker")
+    coordinator: str | None = option(None, "HOST:PORT of process 0, for clusters without auto-detection")
+    num_processes: int | None = option(None, "number of processes (with --coordinator)")
+    process_id: int | None = option(None, "this process's index (with --coordinator)")
+
+    def __post_init__(self):
+        if self.prompt_name == "":
+            object.__setattr__(self, "prompt_name", None)
+        if self.inputs is not None and not isinstance(self.inputs, tuple):
+            object.__setattr__(self, "inputs", tuple(self.inputs))
 
 
 def model_hash(folder) -> str:
@@ -85,15 +125,9 @@ def model_hash(folder) -> str:
 
 
 def _rows_table(topo, buckets, tokens_per_device):
-    from embeddinggemma_jax.topologies import _round_rows
-
     table = dict(topo.rows_per_chip) if topo is not None and tokens_per_device is None else {}
     budget = tokens_per_device or (topo.tokens_per_chip if topo is not None else 16384)
-    return {L: int(table.get(L) or _round_rows(max(1, budget // L))) for L in buckets}
-
-
-def _log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
+    return {L: int(table.get(L) or round_rows(max(1, budget // L))) for L in buckets}
 
 
 def run_embed(o: EmbedOptions) -> dict:
@@ -114,7 +148,6 @@ def run_embed(o: EmbedOptions) -> dict:
     from embeddinggemma_jax.head import apply_dimensions, check_dimensions
     from embeddinggemma_jax.model import DOCUMENT_TEMPLATE
     from embeddinggemma_jax.sharding import DATA_PARALLEL_RULES, make_mesh
-    from embeddinggemma_jax.tokenize import buckets_for
 
     P, me = jax.process_count(), jax.process_index()
     topo = topologies.get(o.topology) if o.topology else None
@@ -139,12 +172,13 @@ def run_embed(o: EmbedOptions) -> dict:
         if o.prompt_name not in model.prompts:
             raise JobError(f"unknown --prompt-name {o.prompt_name!r}; the model has: {', '.join(sorted(model.prompts))}")
         prompt = model.prompts[o.prompt_name]
-    buckets = buckets_for(model.head_config.max_seq_length,
-                          o.buckets or (topo.buckets if topo else topologies.JOB_LENGTH_BUCKETS))
+    buckets = buckets_for(model.head_config.max_seq_length, o.buckets or (topo.buckets if topo else JOB_LENGTH_BUCKETS))
     mesh = make_mesh(mesh_shape)
     enc = ShardedEncoder(model, mesh, rules)
     per_dev = _rows_table(topo, buckets, o.tokens_per_device)
     local_rows = {L: r * enc.local_split for L, r in per_dev.items()}
+    planner = BatchPlanner(buckets, local_rows, model.tokenizer.pad_id, shrink="fine" if o.shrink and P == 1 else "none",
+                           row_multiple=enc.local_split)
 
     options = dict(spec.options(), prompt_name=o.prompt_name, prompt=prompt, dimensions=dims, dtype=dtype,
                    topology=o.topology, mesh=list(mesh_shape), rows_per_device={str(k): v for k, v in per_dev.items()},
@@ -201,7 +235,7 @@ def run_embed(o: EmbedOptions) -> dict:
                  for r in u.records]
         toks = model.tokenizer.encode(texts, truncate=True) if texts else []
         lens = [len(t) for t in toks]
-        plan = plan_batches(lens, buckets, local_rows.__getitem__, shrink=o.shrink and P == 1, row_multiple=enc.local_split)
+        plan = planner.plan(lens)
         return toks, lens, plan
 
     def schedule(plan: list[PlannedBatch]) -> list[PlannedBatch | tuple[int, int]]:
@@ -227,7 +261,8 @@ def run_embed(o: EmbedOptions) -> dict:
         pending = []
         for b in schedule(plan):
             if isinstance(b, PlannedBatch):
-                ids, mask = pad_batch(toks, b, model.tokenizer.pad_id)
+                batch = planner.pad(toks, b)
+                ids, mask = batch.ids, batch.mask
             else:
                 ids, mask = np.zeros(b, np.int32), np.zeros(b, np.int32)
             pending.append((b, enc(ids, mask)))
@@ -298,7 +333,7 @@ def run_embed(o: EmbedOptions) -> dict:
                    processes=P, devices=jax.device_count(), mesh=list(mesh_shape),
                    records_per_second=round(stats["records"] / max(wall, 1e-9), 2),
                    tokens_per_second=round(stats["tokens"] / max(wall, 1e-9), 2),
-                   padding_efficiency_this_run=round(stats["tokens"] / stats["padded_tokens"], 4)
+                   padding_efficiency_this_run=round(padding_efficiency(stats["tokens"], stats["padded_tokens"]), 4)
                    if stats["padded_tokens"] else None)
     if manifest is not None:
         summary["manifest_counts"] = manifest["counts"]
@@ -325,7 +360,7 @@ def write_manifest(out, unit_names: list[str], job: dict) -> dict:
         "counts": {"records": sum(m["records"] for m in metas), "bad_records": len(errors),
                    "blank_lines": sum(m["blank"] for m in metas), "shards": len(metas),
                    "tokens": tokens, "padded_tokens": padded,
-                   "padding_efficiency": round(tokens / padded, 6) if padded else 1.0},
+                   "padding_efficiency": round(padding_efficiency(tokens, padded), 6)},
         "shards": [{k: m[k] for k in ("name", "file", "first_line", "last_line", "records", "sha256")} for m in metas],
     }
     shards.write_atomic(out / MANIFEST, (json.dumps(manifest, indent=1) + "\n").encode())

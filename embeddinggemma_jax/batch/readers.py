@@ -16,15 +16,9 @@ import json
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, Sequence
 
+from embeddinggemma_jax.errors import BadRecordError, InputError
+
 FORMATS = ("jsonl", "text", "parquet")
-
-
-class InputError(ValueError):
-    """An input cannot be read at all (missing file, missing parquet column, unknown format)."""
-
-
-class BadRecordError(ValueError):
-    """A malformed record with ``--on-bad-record fail``: names the file and line."""
 
 
 @dataclass(frozen=True)

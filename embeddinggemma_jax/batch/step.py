@@ -50,8 +50,9 @@ class ShardedEncoder:
         self.mesh, self.rules = mesh, tuple(rules)
         self.state_shardings = state_shardings(model.state, mesh, self.rules)
         self.state = place_state(model.state, self.state_shardings)
-        self.batch_sharding = NamedSharding(mesh, logical_to_spec(("batch", "length"), self.rules, mesh))
-        self.out_sharding = NamedSharding(mesh, logical_to_spec(("batch", None), self.rules, mesh))
+        self.batch_sharding = NamedSharding(mesh, logical_to_spec(("activation_batch", "activation_length"),
+                                                                  self.rules, mesh))
+        self.out_sharding = NamedSharding(mesh, logical_to_spec(("activation_batch", None), self.rules, mesh))
         spec0 = self.batch_sharding.spec[0]
         axes = () if spec0 is None else (spec0,) if isinstance(spec0, str) else tuple(spec0)
         self.batch_split = int(np.prod([mesh.shape[a] for a in axes])) if axes else 1

@@ -12,21 +12,27 @@ from ``(seed, e)``; the position ``(epoch, index)`` is all a checkpoint needs to
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Iterator, Sequence
 
 import numpy as np
 
-from embeddinggemma_jax.tokenize import bucket_length, buckets_for
+from embeddinggemma_jax.batching import BatchPlanner, buckets_for
+from embeddinggemma_jax.io_utils import parse_json
+from embeddinggemma_jax.options import option
 
 
 @dataclass(frozen=True)
 class Fields:
-    query: str = "query"
-    positive: str = "positive"
-    negative: str | None = "negative"  # None: ignore negatives even when present
+    query: str = option("query", "JSONL field with the query", flag="--query-field")
+    positive: str = option("positive", "JSONL field with the positive document", flag="--positive-field")
+    negative: str | None = option("negative", "JSONL field with a hard negative; '' ignores negatives",
+                                  flag="--negative-field")
+
+    def __post_init__(self):
+        if self.negative == "":  # '' on the command line or in a config: ignore negatives even when present
+            object.__setattr__(self, "negative", None)
 
 
 @dataclass
@@ -65,7 +71,12 @@ class TokenBatch:
 
 
 class PairFile:
-    """Random access to the records of a JSONL pair file through a byte-offset index."""
+    """Random access to the records of a JSONL pair file through a byte-offset index.
+
+    Indexing reads the whole file once and validates every record (valid JSON, the query and positive
+    fields present as strings, a negative on every record or on none), so a bad line stops the run
+    before its first step, naming the file and line, not hours into it.
+    """
 
     def __init__(self, path: str | Path, fields: Fields = Fields()):
         self.path = Path(path)
@@ -73,31 +84,31 @@ class PairFile:
         if not self.path.is_file():
             raise FileNotFoundError(f"pair file {self.path} does not exist; pass a JSONL file with one "
                                     f'{{"{fields.query}": ..., "{fields.positive}": ...}} object per line')
-        offsets = []
+        offsets, lines, with_negative = [], [], []
         with open(self.path, "rb") as f:
             pos = 0
-            for line in f:
+            for number, line in enumerate(f, 1):
                 if line.strip():
+                    with_negative.append(self.parse(line, number)[2] is not None)
                     offsets.append(pos)
+                    lines.append(number)
                 pos += len(line)
         if not offsets:
             raise ValueError(f"pair file {self.path} has no records")
+        if any(with_negative) and not all(with_negative):
+            have, lack = (lines[with_negative.index(v)] for v in (True, False))
+            raise ValueError(f"{self.path}: line {have} has a {fields.negative!r} field and line {lack} does not; give "
+                             "every record a negative, or none (or pass --negative-field '' to ignore them)")
         self.offsets = np.asarray(offsets, np.int64)
+        self.lines = np.asarray(lines, np.int64)
         self._f = open(self.path, "rb")
 
     def __len__(self) -> int:
         return len(self.offsets)
 
-    def record(self, i: int) -> tuple[str, str, str | None]:
-        self._f.seek(int(self.offsets[i]))
-        line = self._f.readline()
-        where = f"{self.path} record {i + 1}"
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{where} is not valid JSON ({e.msg}); write one JSON object per line") from None
-        if not isinstance(obj, dict):
-            raise ValueError(f"{where} is a JSON {type(obj).__name__}, not an object")
+    def parse(self, line: bytes, number: int) -> tuple[str, str, str | None]:
+        where = f"{self.path} line {number}"
+        obj = parse_json(line, where, expect=dict, hint="write one JSON object per line")
         f = self.fields
         out = []
         for name, required in ((f.query, True), (f.positive, True), (f.negative, False)):
@@ -111,6 +122,10 @@ class PairFile:
                 raise ValueError(f"{where}: field {name!r} is {type(obj[name]).__name__}, not a string")
             out.append(obj[name])
         return out[0], out[1], out[2]
+
+    def record(self, i: int) -> tuple[str, str, str | None]:
+        self._f.seek(int(self.offsets[i]))
+        return self.parse(self._f.readline(), int(self.lines[i]))
 
     def all_records(self) -> list[tuple[str, str, str | None]]:
         return [self.record(i) for i in range(len(self))]
@@ -145,10 +160,7 @@ class PairStream:
         idx = self._perm(p.epoch)[p.index:p.index + self.batch_size]
         self.position = Position(p.epoch, p.index + self.batch_size)
         recs = [self.pairs.record(int(i)) for i in idx]
-        negs = [r[2] for r in recs]
-        if any(n is None for n in negs) and any(n is not None for n in negs):
-            raise ValueError(f"{self.pairs.path}: some records have a negative and some do not; give every record "
-                             "a negative, or none (or pass --negative-field '' to ignore them)")
+        negs = [r[2] for r in recs]  # all or none: PairFile checked
         return TextBatch([r[0] for r in recs], [r[1] for r in recs], None if negs[0] is None else negs)
 
     def __iter__(self) -> Iterator[TextBatch]:
@@ -157,7 +169,8 @@ class PairStream:
 
 
 class BatchEncoder:
-    """Texts -> prompted token ids -> fixed-shape padded arrays (lengths rounded up to buckets)."""
+    """Texts -> prompted token ids (truncated to ``max_length``) -> one padded batch per group, through
+    the batching engine (``BatchPlanner.pad_group``: order kept, length rounded up to a bucket)."""
 
     def __init__(self, tokenizer, prompts: dict[str, str], max_length: int, buckets: Sequence[int],
                  query_prompt: str = "query", document_prompt: str = "document"):
@@ -171,20 +184,18 @@ class BatchEncoder:
         self.buckets = buckets_for(self.max_length, buckets)
 
     def ids(self, texts: list[str], prefix: str) -> list[list[int]]:
-        ids = self.tokenizer.encode([prefix + t for t in texts], truncate=True)
-        eos = self.tokenizer.eos_id
-        return [x if len(x) <= self.max_length else x[:self.max_length - 1] + [eos] for x in ids]
+        return self.tokenizer.encode([prefix + t for t in texts], truncate=True, max_length=self.max_length)
+
+    def planner(self, rows: int) -> BatchPlanner:
+        return BatchPlanner(self.buckets, rows, self.tokenizer.pad_id)
 
     def pad(self, seqs: list[list[list[int]]]) -> tuple[np.ndarray, np.ndarray]:
-        """[A][rows][tokens] -> ids, mask [A, rows, L] with L the bucket of the longest sequence."""
-        L = bucket_length(max(len(s) for group in seqs for s in group), self.buckets)
-        ids = np.full((len(seqs), len(seqs[0]), L), self.tokenizer.pad_id, np.int32)
-        mask = np.zeros_like(ids)
-        for a, group in enumerate(seqs):
-            for r, s in enumerate(group):
-                ids[a, r, :len(s)] = s
-                mask[a, r, :len(s)] = 1
-        return ids, mask
+        """[A][rows][tokens] -> ids, mask [A, rows, L]: every group padded to the bucket of the longest
+        sequence of all groups (one shape per step)."""
+        longest = max(len(s) for group in seqs for s in group)
+        planner = self.planner(len(seqs[0]))
+        batches = [planner.pad_group(group, longest) for group in seqs]
+        return np.stack([b.ids for b in batches]), np.stack([b.mask for b in batches])
 
     def encode(self, micro: list[TextBatch]) -> TokenBatch:
         if len({b.negatives is None for b in micro}) > 1:

@@ -15,7 +15,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from embeddinggemma_jax.tokenize import make_batches
+from embeddinggemma_jax.head import l2_normalize
 
 METRICS = ("recall@1", "recall@10", "mrr@10", "ndcg@10")
 
@@ -36,13 +36,9 @@ def metrics_from_ranks(ranks: np.ndarray) -> dict[str, float]:
             "ndcg@10": float(np.mean(np.where(top10, 1.0 / np.log2(ranks + 1.0), 0.0)))}
 
 
-def _normalize(x):
-    return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
-
-
 def retrieval_metrics(q_raw: np.ndarray, d_raw: np.ndarray, gold: np.ndarray, dims: Sequence[int]) -> dict:
     """{dim: {metric: value}} from unnormalised query and document embeddings."""
-    return {int(d): metrics_from_ranks(gold_ranks(_normalize(q_raw[:, :d]), _normalize(d_raw[:, :d]), gold))
+    return {int(d): metrics_from_ranks(gold_ranks(l2_normalize(q_raw[:, :d]), l2_normalize(d_raw[:, :d]), gold))
             for d in dims}
 
 
@@ -64,7 +60,7 @@ class PairEvaluator:
 
     def _embed(self, forward: Callable, ids) -> np.ndarray:
         out = None
-        for b in make_batches(ids, self.batch_size, self.encoder.buckets, self.encoder.tokenizer.pad_id):
+        for b in self.encoder.planner(self.batch_size).batches(ids):
             e = np.asarray(forward(b.ids, b.mask), np.float32)[:len(b.index)]
             if out is None:
                 out = np.zeros((len(ids), e.shape[-1]), np.float32)

@@ -12,14 +12,15 @@ import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import jax
 import numpy as np
 from flax import nnx
 
-from embeddinggemma_jax import hub
-from embeddinggemma_jax.io_utils import read_json
-from embeddinggemma_jax.tokenize import TRAIN_LENGTH_BUCKETS, TextTokenizer
+from embeddinggemma_jax.batching import TRAIN_LENGTH_BUCKETS
+from embeddinggemma_jax.hub import DEFAULT_MODEL
+from embeddinggemma_jax.options import differences, flat_dict, ints, option
 from embeddinggemma_jax.train import step as st
 from embeddinggemma_jax.train.checkpointing import TrainCheckpoints
 from embeddinggemma_jax.train.data import BatchEncoder, Fields, PairFile, PairStream, Position
@@ -29,44 +30,67 @@ from embeddinggemma_jax.train.losses import check_matryoshka
 
 @dataclass(frozen=True)
 class RunConfig:
-    model: str
-    train_file: str
-    output_dir: str
+    """A training run; every field is a ``train`` flag and a ``--config`` key (``options``)."""
+
+    train_file: str = option(None, "JSONL training pairs (query, positive[, negative])", required=True)
+    output_dir: str = option(None, "run folder: checkpoints/, metrics.jsonl, final/", required=True)
+    model: str = option(DEFAULT_MODEL, "base model folder or hub id")
     train: st.TrainConfig = field(default_factory=st.TrainConfig)
-    batch_size: int = 16
-    max_length: int = 256
-    pad_to_max_length: bool = False  # one shape, one compilation (else lengths round up to buckets)
-    eval_file: str | None = None
-    eval_every: int = 0  # 0: only before the first and after the last step
-    eval_pairs: int | None = None
-    eval_batch_size: int = 32
-    eval_dims: tuple[int, ...] | None = None  # default: the Matryoshka dims
-    save_every: int = 100
-    keep: int = 3
-    log_every: int = 1
-    fields: Fields = Fields()
-    query_prompt: str = "query"
-    document_prompt: str = "document"
-    export: bool = True
-    export_dtype: str = "float32"
-    stop_after: int | None = None  # stop (as if preempted) after this many steps of this process
-    deadline: float | None = None  # unix time: take no step after it (a time-boxed job slot); resumable
-    progress: bool = True
+    batch_size: int = option(16, "pairs per micro-batch (the in-batch negatives)")
+    max_length: int = option(256, "tokens per text, prompt included (truncated)")
+    pad_to_max_length: bool = option(False, "one padded shape (one compilation) instead of length buckets")
+    eval_file: str | None = option(None, "JSONL held-out pairs for retrieval metrics")
+    eval_every: int = option(0, "evaluate every N steps; 0: only before and after training")
+    eval_pairs: int | None = option(None, "use the first N held-out pairs")
+    eval_batch_size: int = option(32, "texts per evaluation batch")
+    eval_dims: tuple[int, ...] | None = option(None, "dimensions to evaluate (default: the Matryoshka dims)",
+                                               parse=ints)
+    save_every: int = option(100, "checkpoint every N steps")
+    keep: int = option(3, "checkpoints to keep")
+    log_every: int = option(1, "write metrics.jsonl every N steps")
+    fields: Fields = field(default_factory=Fields)
+    query_prompt: str = option("query", "prompt name for queries ('' for none)")
+    document_prompt: str = option("document", "prompt name for documents ('' for none)")
+    export: bool = option(True, "write OUTPUT/final (a sentence-transformers folder) at the end")
+    export_dtype: str = option("float32", "dtype of the exported folder", choices=["float32", "bfloat16"])
+    stop_after: int | None = option(None, "stop after N steps of this process, as if preempted (resume later)")
+    deadline: float | None = option(None, "unix time after which no step starts (a time-boxed job slot); resumable")
+    progress: bool = option(True, "show a progress bar")
+
+    def __post_init__(self):
+        for name in ("train_file", "output_dir"):
+            if not getattr(self, name):
+                raise ValueError(f"--{name.replace('_', '-')} is required (on the command line or in --config)")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
 
-def load_base(model: str, cfg: st.TrainConfig):
-    """(folder, enc, head, fp32-parameter module computing in cfg.dtype)."""
-    from embeddinggemma_jax.model import abstract_module, read_configs
-    from embeddinggemma_jax.weights import load_state
+@dataclass(frozen=True)
+class Base:
+    """What a run keeps of its base model besides the parameters: enough to export a folder."""
 
-    folder = hub.resolve(model)
-    enc, head = read_configs(folder)
-    graphdef, abstract = nnx.split(abstract_module(enc, head, cfg.dtype, "float32"))
-    module = nnx.merge(graphdef, load_state(folder, abstract, enc, "float32"))
-    return folder, enc, head, module
+    source: Path
+    encoder_config: Any
+    head_config: Any
+    tokenizer: Any
+    hf_config: dict | None
+
+
+def load_base(model: str, cfg: st.TrainConfig) -> tuple[Base, nnx.Module]:
+    """The base model (any source ``from_pretrained`` takes): its description and its module, with
+    float32 master parameters, computing in ``cfg.dtype``."""
+    from embeddinggemma_jax.model import EmbeddingGemma
+
+    m = EmbeddingGemma.from_pretrained(model, dtype=cfg.dtype, param_dtype="float32")
+    return Base(m.source, m.encoder_config, m.head_config, m.tokenizer, m.hf_config), m.module
+
+
+def _save_final(base, state: nnx.State, out_dir, dtype: str) -> Path:
+    from embeddinggemma_jax.export import save_folder
+
+    return save_folder(out_dir, state, base.encoder_config, base.head_config, base.tokenizer.path.parent,
+                       dtype=dtype, hf_config=base.hf_config)
 
 
 class Run:
@@ -75,15 +99,15 @@ class Run:
     def __init__(self, rc: RunConfig, mesh=None):
         self.rc = rc
         cfg = rc.train
-        self.folder, self.enc, self.head, module = load_base(rc.model, cfg)
+        self.base, module = load_base(rc.model, cfg)
+        self.folder, self.head = self.base.source, self.base.head_config
         self.dims, self.weights = check_matryoshka(cfg.matryoshka_dims, cfg.matryoshka_weights, self.head.out_features)
         self.t, params = st.make_trainable(module, cfg, mesh)
         del module
         self.tx = st.make_optimizer(cfg)
         self.state, self.shardings = st.init_state(self.t, params, cfg, self.tx)
         self.step_fn = st.make_train_step(self.t, cfg, self.tx, self.shardings, self.dims, self.weights)
-        tok = TextTokenizer(self.folder / "tokenizer.json", self.head.max_seq_length, self.enc.pad_token_id,
-                            self.enc.eos_token_id)
+        tok = self.base.tokenizer
         buckets = (rc.max_length,) if rc.pad_to_max_length else TRAIN_LENGTH_BUCKETS
         self.encoder = BatchEncoder(tok, self.head.prompts, rc.max_length, buckets,
                                     rc.query_prompt, rc.document_prompt)
@@ -113,11 +137,13 @@ class Run:
         if self.ckpt.latest_step() is None:
             return False
         saved = self.ckpt.read_meta()
-        for key in ("train_config", "batch_size", "max_length", "pad_to_max_length"):
-            mine = json.loads(json.dumps(self.meta()[key]))
-            if saved.get(key) != mine:
-                raise ValueError(f"{self.ckpt.directory} was written with {key}={saved.get(key)}, this run has "
-                                 f"{mine}; resume with the same settings or use a new --output-dir")
+        keys = ("batch_size", "max_length", "pad_to_max_length")
+        old = dict(flat_dict(st.TrainConfig.from_dict(saved["train_config"])), **{k: saved.get(k) for k in keys})
+        mine = dict(flat_dict(self.rc.train), **{k: getattr(self.rc, k) for k in keys})
+        diff = differences(json.loads(json.dumps(old)), json.loads(json.dumps(mine)))
+        if diff:
+            raise ValueError(f"{self.ckpt.directory} was written with other settings ({'; '.join(diff)}); resume "
+                             "with the same settings or use a new --output-dir")
         abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), self.state)
         self.state, meta = self.ckpt.restore(abstract, self.shardings)
         self.position = Position.from_dict(meta["position"])
@@ -179,10 +205,7 @@ class Run:
         return summary
 
     def export(self, out_dir, dtype: str | None = None) -> Path:
-        from embeddinggemma_jax.export import save_folder
-
-        return save_folder(out_dir, self.t.full_state(self.state["params"]), self.enc, self.head, self.folder,
-                           dtype=dtype or self.rc.export_dtype, hf_config=read_json(self.folder / "config.json"))
+        return _save_final(self.base, self.t.full_state(self.state["params"]), out_dir, dtype or self.rc.export_dtype)
 
     def close(self):
         self.ckpt.close()
@@ -190,12 +213,17 @@ class Run:
 
 def export_checkpoint(output_dir: str | Path, out_dir: str | Path, step: int | None = None,
                       dtype: str = "float32") -> Path:
-    """Write a sentence-transformers folder from any checkpoint of a run (default: the latest)."""
+    """Write a sentence-transformers folder from any checkpoint of a run (default: the latest). A
+    non-empty ``out_dir`` that this package did not write is refused before anything is read."""
+    from embeddinggemma_jax.export import is_exported_folder
+    from embeddinggemma_jax.io_utils import check_replaceable
+
+    check_replaceable(out_dir, is_exported_folder, "a model folder written by embeddinggemma-jax")
     ckpt = TrainCheckpoints(Path(output_dir) / "checkpoints")
     try:
         meta = ckpt.read_meta(step)
         cfg = st.TrainConfig.from_dict(meta["train_config"])
-        folder, enc, head, module = load_base(meta["base_model"], cfg)
+        base, module = load_base(meta["base_model"], cfg)
         t, params = st.make_trainable(module, cfg)
         tx = st.make_optimizer(cfg)
         shardings = st.state_shardings(t, params, tx)
@@ -205,7 +233,4 @@ def export_checkpoint(output_dir: str | Path, out_dir: str | Path, step: int | N
         state, _ = ckpt.restore(abstract, shardings, step)
     finally:
         ckpt.close()
-    from embeddinggemma_jax.export import save_folder
-
-    return save_folder(out_dir, t.full_state(state["params"]), enc, head, folder, dtype=dtype,
-                       hf_config=read_json(folder / "config.json"))
+    return _save_final(base, t.full_state(state["params"]), out_dir, dtype)

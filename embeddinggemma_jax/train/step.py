@@ -27,6 +27,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from embeddinggemma_jax import sharding as shd
 from embeddinggemma_jax.config import check_dtype
+from embeddinggemma_jax.options import floats, ints, option
 from embeddinggemma_jax.train.losses import DEFAULT_MATRYOSHKA_DIMS, matryoshka_loss
 
 EMBEDDING_FILTER = nnx.PathContains("embed_tokens")
@@ -34,26 +35,32 @@ EMBEDDING_FILTER = nnx.PathContains("embed_tokens")
 
 @dataclass(frozen=True)
 class TrainConfig:
-    learning_rate: float = 2e-5
-    warmup_steps: int = 0
-    total_steps: int = 1000  # the schedule decays to end_lr_ratio * lr at this step
-    schedule: str = "linear"  # "linear" | "cosine" | "constant" (after warmup)
-    end_lr_ratio: float = 0.0
-    weight_decay: float = 0.01  # not applied to norm scales (as transformers' Trainer)
-    adam_b1: float = 0.9
-    adam_b2: float = 0.999
-    adam_eps: float = 1e-8
-    max_grad_norm: float | None = 1.0
-    grad_accum: int = 1
-    matryoshka_dims: tuple[int, ...] = DEFAULT_MATRYOSHKA_DIMS
-    matryoshka_weights: tuple[float, ...] | None = None
-    scale: float = 20.0
-    freeze_embeddings: bool = False
-    remat: bool = True
-    dtype: str = "bfloat16"  # compute dtype; master parameters stay float32
-    fsdp: bool = False
-    mesh_shape: tuple[int, int] | None = None  # (data, fsdp); default: all devices on one axis
-    seed: int = 0
+    """What the train step and the optimiser need; each field is also a ``train`` flag (``options``)."""
+
+    learning_rate: float = option(2e-5, "peak learning rate", flag="--lr")
+    warmup_steps: int = option(0, "linear warm-up steps")
+    total_steps: int = option(1000, "optimiser steps in total (the schedule decays to end_lr_ratio * lr here)",
+                              flag="--steps")
+    schedule: str = option("linear", "learning-rate decay after warm-up", choices=["linear", "cosine", "constant"])
+    end_lr_ratio: float = option(0.0, "final learning rate as a fraction of the peak")
+    weight_decay: float = option(0.01, "AdamW weight decay (not applied to norm scales, as transformers' Trainer)")
+    adam_b1: float = option(0.9, "Adam beta1")
+    adam_b2: float = option(0.999, "Adam beta2")
+    adam_eps: float = option(1e-8, "Adam epsilon")
+    max_grad_norm: float | None = option(1.0, "global-norm gradient clipping; 0 disables")
+    grad_accum: int = option(1, "micro-batches per optimiser step")
+    matryoshka_dims: tuple[int, ...] = option(DEFAULT_MATRYOSHKA_DIMS, "Matryoshka dimensions of the loss",
+                                              parse=ints)
+    matryoshka_weights: tuple[float, ...] | None = option(None, "loss weight per dimension (default: 1 each)",
+                                                          parse=floats)
+    scale: float = option(20.0, "cosine-score scale (1 / temperature)")
+    freeze_embeddings: bool = option(False, "keep the 201M-parameter embedding table fixed")
+    remat: bool = option(True, "recompute layer activations in the backward pass instead of keeping them")
+    dtype: str = option("bfloat16", "compute dtype (master parameters are float32)", choices=["bfloat16", "float32"])
+    fsdp: bool = option(False, "shard parameters and optimiser state over the fsdp mesh axis")
+    mesh_shape: tuple[int, int] | None = option(None, "DATA,FSDP mesh shape (default: all devices on one axis)",
+                                                flag="--mesh", parse=ints)
+    seed: int = option(0, "data order and RNG seed")
 
     def __post_init__(self):
         check_dtype(self.dtype)
@@ -134,8 +141,9 @@ class Trainable:
         return nnx.state(self.module(params), nnx.Param)
 
     def batch_sharding(self, shape) -> NamedSharding:
-        """[A, B, L]: rows split over the data axes when they divide the batch."""
-        return NamedSharding(self.mesh, shd.logical_to_spec((None, "batch", "length"), self.rules, self.mesh, shape))
+        """[A, B, L]: rows split over the data axes (which must divide the batch)."""
+        return NamedSharding(self.mesh, shd.logical_to_spec((None, "activation_batch", "activation_length"), self.rules,
+                                                            self.mesh, shape))
 
 
 def make_trainable(module: nnx.Module, cfg: TrainConfig, mesh: Mesh | None = None) -> tuple[Trainable, dict]:
@@ -225,7 +233,6 @@ def make_train_step(t: Trainable, cfg: TrainConfig, tx: optax.GradientTransforma
         arrays = [jax.device_put(a, t.batch_sharding(a.shape)) for a in batch.arrays()]
         return jitted(state, t.frozen, *arrays)
 
-    run.jitted = jitted
     return run
 
 

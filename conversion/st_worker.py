@@ -4,7 +4,10 @@ Run by ``embeddinggemma_jax.bench`` (``embeddinggemma-jax bench``); it writes th
 fields as the JAX worker. sentence-transformers pads each batch to its longest text (after
 sorting by length), so its padding is already minimal.
 
-    python benchmarks/st_worker.py st-float32 MODEL_FOLDER WORK_DIR --threads 2
+    python -m conversion.st_worker st-float32 MODEL_FOLDER WORK_DIR --threads 2
+
+It lives with the other PyTorch-side code (``conversion``), installed with the package, so ``bench``
+works from a wheel as well as from a checkout.
 """
 
 from __future__ import annotations
