@@ -127,7 +127,7 @@ def test_tiny_end_to_end_matches_sentence_transformers(torch_tiny):
 
 def test_window_is_symmetric_and_inclusive():
     """|i - j| <= radius attends, radius + 1 does not, on both sides (a trap other ports fall into)."""
-    from embeddinggemma_jax.attention import dense_attention, local_attention
+    from embeddinggemma_jax.attention_xla import dense_attention, local_attention
 
     radius, L, H = 4, 23, 8
     rng = np.random.default_rng(0)
@@ -144,7 +144,7 @@ def test_window_is_symmetric_and_inclusive():
 
 
 def test_local_equals_dense_with_padding():
-    from embeddinggemma_jax.attention import dense_attention, local_attention
+    from embeddinggemma_jax.attention_xla import dense_attention, local_attention
 
     rng = np.random.default_rng(1)
     B, L, K, G, H = 3, 61, 1, 3, 8
