@@ -1,0 +1,321 @@
+"""The ASGI application: routes, authentication, limits, lifecycle and the bridge to the worker thread.
+
+Starlette (not FastAPI): the request bodies are validated by ``schemas`` so that every rejection is
+OpenAI's error object naming the field, which FastAPI's automatic 422 answers would have to be undone
+for, and the server needs no generated OpenAPI pages. uvicorn serves it (see ``serve.cli``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import base64
+import hmac
+import logging
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from embeddinggemma_jax.head import apply_dimensions
+from embeddinggemma_jax.serve.engine import BatchingWorker, Job, QueueFull
+from embeddinggemma_jax.serve.metrics import Metrics
+from embeddinggemma_jax.serve.schemas import ApiError, EmbedRequest, parse_json, parse_openai, parse_tei
+
+log = logging.getLogger("embeddinggemma_jax.serve")
+
+
+@dataclass
+class ServeConfig:
+    model: str
+    dtype: str = "float32"
+    served_model_name: str | None = None
+    batch_size: int = 32
+    max_batch_tokens: int | None | str = "auto"
+    max_wait_ms: float = 5.0
+    max_inputs: int = 2048
+    max_queue: int = 8192
+    max_body_bytes: int = 32 * 1024 * 1024
+    api_keys: tuple[str, ...] = ()
+    warmup: bool = True  # compile every batch shape before /ready answers 200
+    step_gate: Path | None = None  # test hook: the worker holds each batch while this file exists
+
+    def model_names(self) -> tuple[str, ...]:
+        """The served name first, then the aliases a request's ``model`` may also use."""
+        name = self.served_model_name or served_name_for(self.model)
+        names = [name, self.model, name.rsplit("/", 1)[-1]]
+        return tuple(dict.fromkeys(n for n in names if n))
+
+
+def served_name_for(model: str) -> str:
+    """A hub id serves under its id; a local folder under its folder name."""
+    p = Path(model).expanduser()
+    return p.resolve().name if p.exists() else model
+
+
+def load_api_keys(path: str | Path) -> tuple[str, ...]:
+    """One key per line; blank lines and ``#`` comments ignored. An empty file is refused."""
+    lines = Path(path).read_text(encoding="utf-8").splitlines()
+    keys = tuple(k.strip() for k in lines if k.strip() and not k.strip().startswith("#"))
+    if not keys:
+        raise ValueError(f"{path} holds no API key; put one key per line (or drop --api-key-file)")
+    return keys
+
+
+class Service:
+    """What the routes share: the model (once loaded), the worker, the metrics and the lifecycle state."""
+
+    def __init__(self, config: ServeConfig, model=None):
+        self.config = config
+        self.model = model
+        self.metrics = Metrics()
+        self.worker: BatchingWorker | None = None
+        self.state = "loading"  # -> warming -> ready -> draining; or failed
+        self.failure: str | None = None
+        self.in_flight = 0
+        self.warm_seconds: float | None = None
+
+    # ------------------------------------------------------------------ lifecycle
+    def load(self) -> None:
+        """Load the model, start the worker and compile every batch shape; runs on a thread of its own."""
+        try:
+            import jax
+
+            from embeddinggemma_jax import EmbeddingGemma
+
+            c = self.config
+            t0 = time.perf_counter()
+            if self.model is None:
+                self.model = EmbeddingGemma.from_pretrained(c.model, dtype=c.dtype, max_batch_tokens=c.max_batch_tokens)
+            log.info("loaded %s (%s) in %.1f s: dtype %s, %d %s device(s)", c.model, self.model.source,
+                     time.perf_counter() - t0, self.model.dtype, jax.local_device_count(), jax.default_backend())
+            self.worker = BatchingWorker(self.model, batch_size=c.batch_size, max_wait=c.max_wait_ms / 1000.0,
+                                         max_queue=c.max_queue, metrics=self.metrics,
+                                         step_gate=self._gate if c.step_gate else None)
+            self.state = "warming"
+            shapes = self.worker.shapes()
+            log.info("batch shapes (rows x length), one per length bucket: %s",
+                     ", ".join(f"{r}x{L}" for r, L in shapes))
+            if c.warmup:
+                self.warm_seconds = self.worker.warm(log.debug)
+                log.info("compiled (or loaded from the compilation cache) %d shapes in %.1f s", len(shapes),
+                         self.warm_seconds)
+            log.info("ready")
+            self.worker.start()
+            if self.state == "warming":
+                self.state = "ready"
+        except Exception as e:  # noqa: BLE001 - reported by /ready and the log; the process keeps answering
+            self.state, self.failure = "failed", f"{type(e).__name__}: {e}"
+            log.error("could not start the model: %s", self.failure)
+
+    def _gate(self) -> bool:
+        return self.config.step_gate.exists()
+
+    def begin_drain(self) -> None:
+        if self.state != "draining":
+            log.info("shutting down: refusing new requests, finishing %d in flight", self.in_flight)
+            self.state = "draining"
+
+    def stop(self) -> None:
+        self.state = "stopped"
+        if self.worker is not None:
+            self.worker.stop(timeout=10)
+
+    # ------------------------------------------------------------------ embedding
+    def check_key(self, request: Request) -> None:
+        keys = self.config.api_keys
+        if not keys:
+            return
+        header = request.headers.get("authorization", "")
+        scheme, _, given = header.partition(" ")
+        given = given.strip().encode() if scheme.lower() == "bearer" else b""
+        # Compare against every key, in constant time each, so neither the time nor the log tells which
+        # key (or how much of one) matched.
+        ok = False
+        for k in keys:
+            ok |= hmac.compare_digest(given, k.encode())
+        if not ok:
+            raise ApiError(401, "missing or invalid API key; send the header 'Authorization: Bearer <key>'",
+                           code="invalid_api_key")
+
+    async def embed(self, req: EmbedRequest) -> tuple[np.ndarray, int, int]:
+        """-> (vectors [n, d] fp32 with the request's dimensions and normalisation, tokens, batch step)."""
+        model = self.model
+        try:
+            texts = model.apply_prompt(req.texts, req.prompt_name, req.custom_instruction)
+            token_ids = await run_in_threadpool(model.tokenizer.encode, texts, req.truncate)
+        except ValueError as e:
+            raise ApiError(400, str(e), param="input", code="input_too_long" if "tokens" in str(e) else None)
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future = loop.create_future()
+
+        def finished(job: Job) -> None:
+            loop.call_soon_threadsafe(lambda: done.done() or done.set_result(job))
+
+        job = Job(token_ids, req.service_tier, finished)
+        try:
+            self.worker.submit(job)
+        except QueueFull as e:
+            self.metrics.rejected.labels(req.service_tier).inc()
+            raise ApiError(429, f"the queue is full ({e.waiting} texts waiting, limit {self.config.max_queue}); "
+                                f"retry later", type="rate_limit_error", code="queue_full",
+                           headers={"Retry-After": str(self.retry_after())})
+        await done
+        if job.error is not None:
+            log.error("batch failed: %s: %s", type(job.error).__name__, job.error)
+            raise ApiError(500, f"the model failed on this batch: {type(job.error).__name__}: {job.error}",
+                           type="server_error", code="internal_error")
+        self.metrics.inputs.labels(req.service_tier).inc(len(token_ids))
+        self.metrics.tokens.labels(req.service_tier).inc(job.tokens)
+        vectors = apply_dimensions(job.out, req.dimensions, req.normalize).astype(np.float32)
+        return vectors, job.tokens, job.last_step
+
+    def retry_after(self) -> int:
+        """Seconds until the queue has likely drained: its tokens at the worker's measured rate."""
+        rate = self.worker.tokens_per_second()
+        return max(1, int(np.ceil(self.worker.waiting_tokens() / rate))) if rate else 1
+
+
+def _error(e: ApiError) -> JSONResponse:
+    return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
+
+
+def create_app(service: Service) -> Starlette:
+    """The Starlette app serving ``service``; its lifespan loads the model on a background thread."""
+    cfg = service.config
+
+    def endpoint(route: str, *, embeds: bool):
+        def wrap(handler):
+            async def run(request: Request) -> Response:
+                t0 = time.perf_counter()
+                tier = "default"
+                counted = False
+                try:
+                    if embeds:
+                        if service.state in ("draining", "stopped"):
+                            raise ApiError(503, "the server is shutting down; send the request to another replica",
+                                           type="server_error", code="shutting_down")
+                        service.in_flight += 1
+                        counted = True
+                        service.check_key(request)
+                        if service.state != "ready":
+                            raise ApiError(503, f"the model is not ready yet ({service.state}"
+                                                f"{': ' + service.failure if service.failure else ''}); "
+                                                f"retry when GET /ready answers 200", type="server_error",
+                                           code="not_ready", headers={"Retry-After": "5"})
+                        body = await _read_body(request, cfg.max_body_bytes)
+                        response, tier = await handler(request, body)
+                    else:
+                        response = await handler(request)
+                except ApiError as e:
+                    response = _error(e)
+                except Exception as e:  # noqa: BLE001 - one error object, never a traceback to the client
+                    log.exception("unexpected error on %s", route)
+                    response = _error(ApiError(500, f"internal error: {type(e).__name__}", type="server_error",
+                                               code="internal_error"))
+                finally:
+                    if counted:
+                        service.in_flight -= 1
+                service.metrics.requests.labels(route, str(response.status_code)).inc()
+                if embeds:
+                    service.metrics.latency.labels(route, tier).observe(time.perf_counter() - t0)
+                return response
+            return run
+        return wrap
+
+    names = cfg.model_names()
+
+    def limits():
+        m = service.model
+        return dict(prompts=m.prompts, full_dimensions=m.dimensions, max_inputs=cfg.max_inputs)
+
+    @endpoint("/v1/embeddings", embeds=True)
+    async def openai_embeddings(request, body):
+        req = parse_openai(parse_json(body), model_names=names, **limits())
+        vectors, tokens, step = await service.embed(req)
+        if req.encoding_format == "base64":
+            data = [base64.b64encode(np.ascontiguousarray(v, "<f4").tobytes()).decode("ascii") for v in vectors]
+        else:
+            data = vectors.tolist()
+        payload = {"object": "list", "model": names[0],
+                   "data": [{"object": "embedding", "index": i, "embedding": e} for i, e in enumerate(data)],
+                   "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
+        return JSONResponse(payload, headers={"x-batch-step": str(step)}), req.service_tier
+
+    @endpoint("/embed", embeds=True)
+    async def tei_embed(request, body):
+        req = parse_tei(parse_json(body), **limits())
+        vectors, tokens, step = await service.embed(req)
+        return JSONResponse(vectors.tolist(), headers={"x-batch-step": str(step)}), req.service_tier
+
+    @endpoint("/v1/models", embeds=False)
+    async def models(request):
+        service.check_key(request)
+        return JSONResponse({"object": "list", "data": [
+            {"id": n, "object": "model", "created": 0, "owned_by": "embeddinggemma-jax"} for n in names[:1]]})
+
+    @endpoint("/health", embeds=False)
+    async def health(request):
+        return JSONResponse({"status": "alive"})
+
+    @endpoint("/ready", embeds=False)
+    async def ready(request):
+        body = {"status": service.state}
+        if service.failure:
+            body["error"] = service.failure
+        if service.warm_seconds is not None:
+            body["warm_seconds"] = round(service.warm_seconds, 3)
+        return JSONResponse(body, status_code=200 if service.state == "ready" else 503)
+
+    @endpoint("/metrics", embeds=False)
+    async def metrics(request):
+        from prometheus_client import CONTENT_TYPE_LATEST
+
+        return Response(service.metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+    async def http_error(request, exc: HTTPException):
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
+        msg = {404: f"no route {request.url.path}; this server answers POST /v1/embeddings, POST /embed, "
+                    f"GET /v1/models, /health, /ready, /metrics",
+               405: f"{request.method} is not allowed on {request.url.path}"}.get(exc.status_code, str(exc.detail))
+        return _error(ApiError(exc.status_code, msg, code=code))
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        threading.Thread(target=service.load, name="embeddinggemma-load", daemon=True).start()
+        yield
+        service.stop()
+
+    post, get = ["POST"], ["GET"]
+    return Starlette(routes=[Route("/v1/embeddings", openai_embeddings, methods=post),
+                             Route("/embeddings", openai_embeddings, methods=post),
+                             Route("/embed", tei_embed, methods=post),
+                             Route("/v1/models", models, methods=get),
+                             Route("/health", health, methods=get),
+                             Route("/ready", ready, methods=get),
+                             Route("/metrics", metrics, methods=get)],
+                     exception_handlers={HTTPException: http_error}, lifespan=lifespan)
+
+
+async def _read_body(request: Request, limit: int) -> bytes:
+    """The body, refused with 413 as soon as it is known to exceed ``limit`` bytes."""
+    too_big = ApiError(413, f"the request body exceeds this server's limit of {limit} bytes; send fewer or "
+                            f"shorter inputs per request", code="request_too_large")
+    length = request.headers.get("content-length")
+    if length is not None and length.isdigit() and int(length) > limit:
+        raise too_big
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise too_big
+        chunks.append(chunk)
+    return b"".join(chunks)
