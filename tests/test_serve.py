@@ -48,7 +48,7 @@ def free_port() -> int:
 class Server:
     """``embeddinggemma-jax serve`` in a subprocess; ``wait_ready`` polls GET /ready."""
 
-    def __init__(self, folder, tmp: Path, *args: str, env_cache: Path | None = None):
+    def __init__(self, folder, tmp: Path, *args: str, env_cache: Path | None = None, extra_env: dict | None = None):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = tmp / f"server-{self.port}.log"
@@ -56,6 +56,7 @@ class Server:
                    JAX_PLATFORMS="cpu")
         if env_cache is not None:
             env[CACHE_ENV] = str(env_cache)
+        env.update(extra_env or {})
         self._log = open(self.log_path, "w")
         self.proc = subprocess.Popen([sys.executable, "-m", "embeddinggemma_jax.cli", "serve", "--model", str(folder),
                                       "--port", str(self.port), *args], stdout=self._log, stderr=subprocess.STDOUT,
@@ -153,6 +154,12 @@ def client(server, key=KEY):
     return openai.OpenAI(base_url=server.url + "/v1", api_key=key, max_retries=0, timeout=120)
 
 
+def ref(model, texts, **options):
+    """``encode`` one text per batch: the same numbers as any batch size up to the last bits, and only one
+    shape per length bucket to compile in this process."""
+    return model.encode(texts, batch_size=1, **options)
+
+
 def unit(x):
     x = np.asarray(x, np.float64)
     return x / np.linalg.norm(x, axis=-1, keepdims=True)
@@ -175,6 +182,23 @@ def n_tokens(texts, prompt=""):
     return sum(min(128, len((prompt + t).encode()) + 2) for t in texts)
 
 
+def test_fixed_rows_plan_one_shape_per_bucket(tiny):
+    """The planner's server mode: a batch holds one bucket's texts, always in that bucket's full row count."""
+    from embeddinggemma_jax.tokenize import bucket_length, make_batches, rows_per_batch
+
+    rng = np.random.default_rng(1)
+    ids = [list(range(2, 2 + int(n))) for n in rng.integers(1, 128, 50)]
+    batches = make_batches(ids, 8, tiny.length_buckets, 0, 256, fixed_rows=True)
+    assert sorted(i for b in batches for i in b.index) == list(range(50))
+    for b in batches:
+        L = b.ids.shape[1]
+        assert b.ids.shape[0] == rows_per_batch(L, 8, 256)
+        assert {bucket_length(len(ids[i]), tiny.length_buckets) for i in b.index} == {L}
+        for r, i in enumerate(b.index):
+            assert list(b.ids[r, :len(ids[i])]) == ids[i] and b.mask[r].sum() == len(ids[i])
+        assert not b.mask[len(b.index):].any()
+
+
 # ----------------------------------------------------------------------------- the OpenAI route
 @pytest.mark.slow
 def test_openai_client_every_option_equals_encode(server, tiny):
@@ -184,16 +208,16 @@ def test_openai_client_every_option_equals_encode(server, tiny):
     assert [d.index for d in r.data] == list(range(len(TEXTS)))
     assert r.model == "tiny-gemma" and r.object == "list" and r.data[0].object == "embedding"
     assert r.usage.prompt_tokens == r.usage.total_tokens == n_tokens(TEXTS)
-    assert_matches([d.embedding for d in r.data], tiny.encode(TEXTS))
+    assert_matches([d.embedding for d in r.data], ref(tiny, TEXTS))
 
     one = c.embeddings.create(model="tiny-gemma", input="Mars is red.", encoding_format="float")
     assert len(one.data) == 1
-    assert_matches(one.data[0].embedding, tiny.encode("Mars is red."))
+    assert_matches(one.data[0].embedding, ref(tiny, "Mars is red."))
 
     full = tiny.dimensions
     for dims in (32, full - 1, full, 1024, 8192):
         r = c.embeddings.create(model="tiny-gemma", input=TEXTS[:2], dimensions=dims, encoding_format="float")
-        want = tiny.encode(TEXTS[:2], dimensions=dims)
+        want = ref(tiny, TEXTS[:2], dimensions=dims)
         assert_matches([d.embedding for d in r.data], want)
         if dims > full:
             assert not np.asarray([d.embedding for d in r.data])[:, full:].any()  # zero padding
@@ -201,24 +225,24 @@ def test_openai_client_every_option_equals_encode(server, tiny):
     r = c.embeddings.create(model="tiny-gemma", input=TEXTS[:3], dimensions=48, encoding_format="base64",
                             extra_body={"normalize": False})
     raw = np.stack([np.frombuffer(base64.b64decode(d.embedding), "<f4") for d in r.data])
-    assert_matches(raw, tiny.encode(TEXTS[:3], dimensions=48, normalize=False))
+    assert_matches(raw, ref(tiny, TEXTS[:3], dimensions=48, normalize=False))
     assert abs(np.linalg.norm(raw[0]) - 1) > 1e-3  # really not normalised
 
     instruction = "task: classify the planet | query: "
     r = c.embeddings.create(model="tiny-gemma", input=TEXTS[:2], extra_body={"custom_instruction": instruction})
-    assert_matches([d.embedding for d in r.data], tiny.encode(TEXTS[:2], prompt=instruction))
+    assert_matches([d.embedding for d in r.data], ref(tiny, TEXTS[:2], prompt=instruction))
     assert r.usage.prompt_tokens == n_tokens(TEXTS[:2], instruction)
     r = c.embeddings.create(model="tiny-gemma", input=TEXTS[:2], extra_body={"custom_instruction": ""})
-    assert_matches([d.embedding for d in r.data], tiny.encode(TEXTS[:2]))
+    assert_matches([d.embedding for d in r.data], ref(tiny, TEXTS[:2]))
 
     for name in sorted(tiny.prompts):
         r = c.embeddings.create(model="tiny-gemma", input=TEXTS[:2], extra_body={"prompt_name": name})
-        assert_matches([d.embedding for d in r.data], tiny.encode(TEXTS[:2], prompt_name=name))
+        assert_matches([d.embedding for d in r.data], ref(tiny, TEXTS[:2], prompt_name=name))
         assert r.usage.prompt_tokens == n_tokens(TEXTS[:2], tiny.prompts[name])
 
     long = "x" * 300  # 302 tokens: truncated to 128 with <eos> kept last, as the reference does
     r = c.embeddings.create(model="tiny-gemma", input=[long, "short"], extra_body={"truncate": True})
-    assert_matches([d.embedding for d in r.data], tiny.encode([long, "short"]))
+    assert_matches([d.embedding for d in r.data], ref(tiny, [long, "short"]))
     assert r.usage.prompt_tokens == 128 + 7
     with pytest.raises(openai.BadRequestError) as e:
         c.embeddings.create(model="tiny-gemma", input=["short", long], extra_body={"truncate": False})
@@ -226,7 +250,7 @@ def test_openai_client_every_option_equals_encode(server, tiny):
 
     r = c.embeddings.create(model="tiny-gemma", input=TEXTS[:2], user="someone",
                             extra_body={"service_tier": "priority"})
-    assert_matches([d.embedding for d in r.data], tiny.encode(TEXTS[:2]))
+    assert_matches([d.embedding for d in r.data], ref(tiny, TEXTS[:2]))
     for alias in (str(server.proc.args[server.proc.args.index("--model") + 1]),):
         assert c.embeddings.create(model=alias, input="a").model == "tiny-gemma"
     assert [m.id for m in c.models.list().data] == ["tiny-gemma"]
@@ -236,10 +260,10 @@ def test_tei_embed_route(server, tiny):
     h = {"Authorization": f"Bearer {KEY}"}
     r = server.http.post("/embed", json={"inputs": "Mars is red."}, headers=h)
     assert r.status_code == 200
-    assert_matches(r.json(), tiny.encode(["Mars is red."]))
+    assert_matches(r.json(), ref(tiny, ["Mars is red."]))
     r = server.http.post("/embed", headers=h, json={"inputs": TEXTS[:3], "normalize": False, "truncate": True,
                                                     "prompt_name": "query", "dimensions": 40})
-    assert_matches(r.json(), tiny.encode(TEXTS[:3], normalize=False, prompt_name="query", dimensions=40))
+    assert_matches(r.json(), ref(tiny, TEXTS[:3], normalize=False, prompt_name="query", dimensions=40))
     r = server.http.post("/embed", headers=h, json={"inputs": "x" * 300, "truncate": False})
     assert r.status_code == 400 and r.json()["error"]["param"] == "input"
 
@@ -348,16 +372,16 @@ def test_32_concurrent_clients_equal_encode_and_bitwise_stable(server, tiny):
         return [d["embedding"] for d in r.json()["data"]]
 
     alone = [call(i) for i in range(32)]  # one request at a time: each batch holds only its own texts
+    before = server.metric("embeddinggemma_batches_total")
     with ThreadPoolExecutor(32) as pool:
         together = list(pool.map(call, range(32)))
+    assert server.metric("embeddinggemma_batches_total") - before < 64  # the 64 texts shared batches
     assert together == alone  # the same bits, whatever shared the batches
     for k, opt in enumerate(options):
         idx = [i for i in range(32) if i % len(options) == k]
         got = np.stack([np.frombuffer(base64.b64decode(e), "<f4") for i in idx for e in together[i]])
-        want = tiny.encode([t for i in idx for t in texts[2 * i:2 * i + 2]], **opt)
+        want = ref(tiny, [t for i in idx for t in texts[2 * i:2 * i + 2]], **opt)
         assert_matches(got, want)
-    assert server.metric("embeddinggemma_batches_total") < server.metric("embeddinggemma_inputs_total",
-                                                                          tier="default")  # texts shared batches
 
 
 # ----------------------------------------------------------------------------- priority, 429, SIGTERM
@@ -467,8 +491,23 @@ def test_sigterm_finishes_in_flight_requests_then_exits_0(gated, tiny):
     assert sorted(i for i, _ in results) == [0, 1, 2, 3]
     for i, r in results:
         assert r.status_code == 200
-        assert_matches([d["embedding"] for d in r.json()["data"]], tiny.encode(bodies[i]["input"]))
+        assert_matches([d["embedding"] for d in r.json()["data"]], ref(tiny, bodies[i]["input"]))
     assert gated.proc.wait(60) == 0
+
+
+@pytest.mark.slow
+def test_two_devices_run_the_data_parallel_step(tiny_folder, tiny, tmp_path, serve_cache):
+    s = Server(tiny_folder, tmp_path, "--warmup", "none", "--batch-size", "4", env_cache=serve_cache,
+               extra_env={"XLA_FLAGS": "--xla_force_host_platform_device_count=2"})
+    try:
+        s.wait_ready()
+        texts = ["one", "two", "three"]  # one bucket: a single shape to compile
+        r = s.http.post("/embed", json={"inputs": texts})
+        assert r.status_code == 200, r.text
+        assert_matches(r.json(), ref(tiny, texts))
+        assert "2 cpu device(s)" in s.log() and "4x16, 4x24" in s.log()
+    finally:
+        s.close()
 
 
 # ----------------------------------------------------------------------------- the real weights

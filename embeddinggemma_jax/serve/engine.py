@@ -60,6 +60,25 @@ class _Item:
     seq: int  # arrival order across both tiers
 
 
+def _device_step(model) -> tuple[Callable, int]:
+    """-> (batch -> [n, out] fp32, device count): ``embed_batch`` on one device; on several, the batch job's
+    data-parallel step (parameters replicated, rows split over the devices)."""
+    import jax
+
+    n = jax.local_device_count()
+    if n == 1:
+        return model.embed_batch, 1
+    from embeddinggemma_jax.batch.step import ShardedEncoder
+    from embeddinggemma_jax.sharding import DATA_PARALLEL_RULES, make_mesh
+
+    enc = ShardedEncoder(model, make_mesh((n, 1), jax.local_devices()), DATA_PARALLEL_RULES)
+
+    def embed(batch):
+        return enc.local_rows(enc(batch.ids, batch.mask))[:len(batch.index)]
+
+    return embed, n
+
+
 class QueueFull(Exception):
     def __init__(self, waiting: int):
         super().__init__(f"{waiting} texts are waiting")
@@ -87,6 +106,12 @@ class BatchingWorker:
         self._stop = False
         self.steps = 0
         self._thread = threading.Thread(target=self._run, name="embeddinggemma-worker", daemon=True)
+        self._embed, self.devices = _device_step(model)
+        bad = [L for L in model.length_buckets if self.rows(L) % self.devices]
+        if bad:
+            raise ValueError(f"the batches of length {bad[0]} have {self.rows(bad[0])} rows, not a multiple of the "
+                             f"{self.devices} devices; use a --batch-size that is a multiple of {self.devices} and "
+                             f"--max-batch-tokens none (or large enough)")
 
     # ------------------------------------------------------------------ shapes
     def rows(self, length: int) -> int:
@@ -106,7 +131,7 @@ class BatchingWorker:
             ids = [[pad] * L]  # one full-length text: the planner pads it into this bucket's shape
             (batch,) = self.model.batches(ids, self.batch_size, fixed_rows=True)
             assert batch.ids.shape == (rows, L), (batch.ids.shape, rows, L)
-            self.model.embed_batch(batch)
+            self._embed(batch)
             log(f"warmed {rows} x {L} in {time.perf_counter() - t:.2f} s")
         return time.perf_counter() - t0
 
@@ -217,7 +242,7 @@ class BatchingWorker:
         t0 = time.perf_counter()
         try:
             (batch,) = self.model.batches(ids, self.batch_size, fixed_rows=True)
-            out = self.model.embed_batch(batch)
+            out = self._embed(batch)
             self._busy = [self._busy[0] + time.perf_counter() - t0, self._busy[1] + batch.real_tokens]
             rows = np.empty_like(out)
             rows[batch.index] = out
