@@ -18,6 +18,8 @@ from conversion import convert, parity
 from embeddinggemma_jax import bench
 from embeddinggemma_jax.batch import cli as batch_cli
 from embeddinggemma_jax.hub import DEFAULT_MODEL
+from embeddinggemma_jax.serve import bench as serve_bench
+from embeddinggemma_jax.serve import cli as serve_cli
 from embeddinggemma_jax.train import cli as train_cli
 
 
@@ -150,6 +152,10 @@ COMMANDS: tuple[Command, ...] = (
     Command("train-export", train_cli.EXPORT_HELP, train_cli.add_export_arguments, train_cli.cmd_export,
             "Export the parameters of a run's checkpoint (default: the latest)."),
     Command("bench", bench.BENCH_HELP, bench.add_bench_arguments, bench.cmd_bench, bench.BENCH_DESCRIPTION),
+    Command("serve", serve_cli.SERVE_HELP, serve_cli.add_serve_arguments, serve_cli.cmd_serve,
+            serve_cli.SERVE_DESCRIPTION),
+    Command("serve-bench", serve_bench.SERVE_BENCH_HELP, serve_bench.add_serve_bench_arguments,
+            serve_bench.cmd_serve_bench, serve_bench.SERVE_BENCH_DESCRIPTION),
     Command("tpu-configs", "print or write the TPU v5e topology configs (tpu/configs)", add_tpu_configs_arguments,
             cmd_tpu_configs, "The mesh, dtype, buckets and rows per chip of every v5e slice, as used by embed "
                              "--topology; --write regenerates tpu/configs."),

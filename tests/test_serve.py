@@ -182,21 +182,26 @@ def n_tokens(texts, prompt=""):
     return sum(min(128, len((prompt + t).encode()) + 2) for t in texts)
 
 
-def test_fixed_rows_plan_one_shape_per_bucket(tiny):
-    """The planner's server mode: a batch holds one bucket's texts, always in that bucket's full row count."""
-    from embeddinggemma_jax.tokenize import bucket_length, make_batches, rows_per_batch
+def test_worker_plans_one_shape_per_bucket(tiny):
+    """The worker's planner: a batch of one bucket's texts always has that bucket's full row count, capped by
+    --max-batch-tokens; the shapes it warms are exactly one per bucket."""
+    from embeddinggemma_jax.batching import bucket_length
+    from embeddinggemma_jax.serve.engine import BatchingWorker
 
-    rng = np.random.default_rng(1)
-    ids = [list(range(2, 2 + int(n))) for n in rng.integers(1, 128, 50)]
-    batches = make_batches(ids, 8, tiny.length_buckets, 0, 256, fixed_rows=True)
-    assert sorted(i for b in batches for i in b.index) == list(range(50))
-    for b in batches:
-        L = b.ids.shape[1]
-        assert b.ids.shape[0] == rows_per_batch(L, 8, 256)
-        assert {bucket_length(len(ids[i]), tiny.length_buckets) for i in b.index} == {L}
-        for r, i in enumerate(b.index):
-            assert list(b.ids[r, :len(ids[i])]) == ids[i] and b.mask[r].sum() == len(ids[i])
-        assert not b.mask[len(b.index):].any()
+    old = tiny.max_batch_tokens
+    tiny.max_batch_tokens = 256
+    try:
+        w = BatchingWorker(tiny, batch_size=8, max_wait=0.0, max_queue=10)
+        assert w.shapes() == [(min(8, 1 << (256 // L).bit_length() - 1), L) for L in tiny.length_buckets]
+        for n in (1, 3, 8):
+            for L in tiny.length_buckets:
+                ids = [list(range(2, 2 + L - k)) for k in range(n) if L - k > 0 and bucket_length(L - k, tiny.length_buckets) == L]
+                ids = ids[:w.rows(L)]
+                (b,) = w.planner.batches(ids)
+                assert b.ids.shape == (w.rows(L), L) and list(b.index) == list(range(len(ids)))
+                assert not b.mask[len(ids):].any()
+    finally:
+        tiny.max_batch_tokens = old
 
 
 # ----------------------------------------------------------------------------- the OpenAI route

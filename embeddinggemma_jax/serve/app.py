@@ -14,7 +14,6 @@ import hmac
 import logging
 import threading
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -27,54 +26,19 @@ from starlette.routing import Route
 
 from embeddinggemma_jax.head import apply_dimensions
 from embeddinggemma_jax.serve.engine import BatchingWorker, Job, QueueFull
+from embeddinggemma_jax.serve.config import ServeOptions
 from embeddinggemma_jax.serve.metrics import Metrics
 from embeddinggemma_jax.serve.schemas import ApiError, EmbedRequest, parse_json, parse_openai, parse_tei
 
 log = logging.getLogger("embeddinggemma_jax.serve")
 
 
-@dataclass
-class ServeConfig:
-    model: str
-    dtype: str = "float32"
-    served_model_name: str | None = None
-    batch_size: int = 32
-    max_batch_tokens: int | None | str = "auto"
-    max_wait_ms: float = 5.0
-    max_inputs: int = 2048
-    max_queue: int = 8192
-    max_body_bytes: int = 32 * 1024 * 1024
-    api_keys: tuple[str, ...] = ()
-    warmup: bool = True  # compile every batch shape before /ready answers 200
-    step_gate: Path | None = None  # test hook: the worker holds each batch while this file exists
-
-    def model_names(self) -> tuple[str, ...]:
-        """The served name first, then the aliases a request's ``model`` may also use."""
-        name = self.served_model_name or served_name_for(self.model)
-        names = [name, self.model, name.rsplit("/", 1)[-1]]
-        return tuple(dict.fromkeys(n for n in names if n))
-
-
-def served_name_for(model: str) -> str:
-    """A hub id serves under its id; a local folder under its folder name."""
-    p = Path(model).expanduser()
-    return p.resolve().name if p.exists() else model
-
-
-def load_api_keys(path: str | Path) -> tuple[str, ...]:
-    """One key per line; blank lines and ``#`` comments ignored. An empty file is refused."""
-    lines = Path(path).read_text(encoding="utf-8").splitlines()
-    keys = tuple(k.strip() for k in lines if k.strip() and not k.strip().startswith("#"))
-    if not keys:
-        raise ValueError(f"{path} holds no API key; put one key per line (or drop --api-key-file)")
-    return keys
-
-
 class Service:
     """What the routes share: the model (once loaded), the worker, the metrics and the lifecycle state."""
 
-    def __init__(self, config: ServeConfig, model=None):
+    def __init__(self, config: ServeOptions, model=None):
         self.config = config
+        self.api_keys = config.api_keys()  # read once: a missing or empty file fails before the model loads
         self.model = model
         self.metrics = Metrics()
         self.worker: BatchingWorker | None = None
@@ -99,12 +63,12 @@ class Service:
                      time.perf_counter() - t0, self.model.dtype, jax.local_device_count(), jax.default_backend())
             self.worker = BatchingWorker(self.model, batch_size=c.batch_size, max_wait=c.max_wait_ms / 1000.0,
                                          max_queue=c.max_queue, metrics=self.metrics,
-                                         step_gate=self._gate if c.step_gate else None)
+                                         step_gate=self._gate if c.test_step_gate else None)
             self.state = "warming"
             shapes = self.worker.shapes()
             log.info("batch shapes (rows x length), one per length bucket: %s",
                      ", ".join(f"{r}x{L}" for r, L in shapes))
-            if c.warmup:
+            if c.warmup == "all":
                 self.warm_seconds = self.worker.warm(log.debug)
                 log.info("compiled (or loaded from the compilation cache) %d shapes in %.1f s", len(shapes),
                          self.warm_seconds)
@@ -117,7 +81,7 @@ class Service:
             log.error("could not start the model: %s", self.failure)
 
     def _gate(self) -> bool:
-        return self.config.step_gate.exists()
+        return Path(self.config.test_step_gate).exists()
 
     def begin_drain(self) -> None:
         if self.state != "draining":
@@ -131,7 +95,7 @@ class Service:
 
     # ------------------------------------------------------------------ embedding
     def check_key(self, request: Request) -> None:
-        keys = self.config.api_keys
+        keys = self.api_keys
         if not keys:
             return
         header = request.headers.get("authorization", "")
@@ -175,7 +139,8 @@ class Service:
                            type="server_error", code="internal_error")
         self.metrics.inputs.labels(req.service_tier).inc(len(token_ids))
         self.metrics.tokens.labels(req.service_tier).inc(job.tokens)
-        vectors = apply_dimensions(job.out, req.dimensions, req.normalize).astype(np.float32)
+        normalize = model.head_config.normalize if req.normalize is None else req.normalize  # as encode decides
+        vectors = apply_dimensions(job.out, req.dimensions, normalize).astype(np.float32)
         return vectors, job.tokens, job.last_step
 
     def retry_after(self) -> int:

@@ -81,12 +81,12 @@ def run(model: str, docstrings: int = 64, clients: int = 32, idle_requests: int 
     import httpx
 
     from embeddinggemma_jax import bench, hub
-    from embeddinggemma_jax.model import read_configs
     from embeddinggemma_jax.tokenize import TextTokenizer
+    from embeddinggemma_jax.weights import read_folder_configs
 
     threads = threads or len(os.sched_getaffinity(0))
     folder = hub.resolve(model)
-    enc, head = read_configs(folder)
+    enc, head = read_folder_configs(folder)
     tok = TextTokenizer(folder / "tokenizer.json", head.max_seq_length, enc.pad_token_id, enc.eos_token_id)
     max_doc = min(700, head.max_seq_length)
     texts = bench.stdlib_docstrings(tok, docstrings, min_tokens=min(50, max_doc // 2), max_tokens=max_doc)
@@ -175,13 +175,15 @@ def format_report(r: dict) -> str:
     return "\n".join(lines)
 
 
-def add_parser(sub) -> None:
+SERVE_BENCH_HELP = "benchmark the server under concurrent load against offline encode"
+SERVE_BENCH_DESCRIPTION = ("Start `serve` on a loopback port and measure throughput (against offline encode of the same "
+                           "texts, in a fresh process), latency idle and under load, and priority against default "
+                           "latency under load.")
+
+
+def add_serve_bench_arguments(p) -> None:
     from embeddinggemma_jax.hub import DEFAULT_MODEL
 
-    p = sub.add_parser("serve-bench", help="benchmark the server under concurrent load against offline encode",
-                       description="Start `serve` on a loopback port and measure throughput (against offline encode "
-                                   "of the same texts, in a fresh process), latency idle and under load, and "
-                                   "priority against default latency under load.")
     p.add_argument("--model", default=DEFAULT_MODEL, help=f"model folder or hub id (default: {DEFAULT_MODEL})")
     p.add_argument("--docstrings", type=int, default=64, help="stdlib docstrings of 50-700 tokens (default: 64)")
     p.add_argument("--clients", type=int, default=32, help="concurrent clients under load (default: 32)")
@@ -192,7 +194,6 @@ def add_parser(sub) -> None:
     p.add_argument("--server-arg", action="append", default=[], metavar="ARG",
                    help="extra argument for `serve` (repeat it), e.g. --server-arg=--max-batch-tokens=512")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
-    p.set_defaults(func=cmd_serve_bench)
 
 
 def cmd_serve_bench(args) -> int:

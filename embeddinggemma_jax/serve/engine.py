@@ -10,8 +10,9 @@ bucket. The worker repeatedly builds one batch:
 2. The batch takes up to the lead bucket's row count of that bucket's waiting texts, priority
    first, each tier oldest first. While it has fewer texts than rows, the worker waits for more,
    but never past ``max_wait`` after the lead text arrived.
-3. The model's planner (``EmbeddingGemma.batches`` with ``fixed_rows=True``) pads them into the one
-   shape of that bucket, the worker runs ``embed_batch`` and hands every row to its request.
+3. The package's batching engine (``EmbeddingGemma.planner``, with ``shrink="none"``: every batch has
+   its bucket's full row count) pads them into the one shape of that bucket; the worker runs the
+   model's step on it and hands every row to its request.
 
 Why one fixed shape per bucket: on XLA:CPU a row's result does not change with what the other rows
 hold, but it does change (in the last bits) with the batch's row count and padded length. With the
@@ -21,6 +22,7 @@ the set of shapes is small and known in advance, so all of them are compiled bef
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 import time
 from collections import deque
@@ -29,8 +31,8 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from embeddinggemma_jax.batching import bucket_length
 from embeddinggemma_jax.serve.schemas import TIERS
-from embeddinggemma_jax.tokenize import bucket_length, rows_per_batch
 
 STARVATION_STEPS = 3
 
@@ -107,20 +109,22 @@ class BatchingWorker:
         self.steps = 0
         self._thread = threading.Thread(target=self._run, name="embeddinggemma-worker", daemon=True)
         self._embed, self.devices = _device_step(model)
-        bad = [L for L in model.length_buckets if self.rows(L) % self.devices]
-        if bad:
-            raise ValueError(f"the batches of length {bad[0]} have {self.rows(bad[0])} rows, not a multiple of the "
-                             f"{self.devices} devices; use a --batch-size that is a multiple of {self.devices} and "
-                             f"--max-batch-tokens none (or large enough)")
+        # One shape per bucket: the full row count only (no smaller tail batches), a multiple of the devices.
+        self.planner = dataclasses.replace(model.planner(batch_size), shrink="none", row_multiple=self.devices)
+        try:
+            self.planner.shapes()
+        except ValueError as e:
+            raise ValueError(f"{e}; use a --batch-size that is a multiple of {self.devices} and --max-batch-tokens "
+                             f"none (or large enough)") from None
 
     # ------------------------------------------------------------------ shapes
     def rows(self, length: int) -> int:
-        """Rows of every batch of the ``length`` bucket (the planner's full-batch row count)."""
-        return rows_per_batch(length, self.batch_size, self.model.max_batch_tokens)
+        """Rows of every batch of the ``length`` bucket."""
+        return self.planner.full_rows(length)
 
     def shapes(self) -> list[tuple[int, int]]:
         """Every (rows, length) the worker can run: one per length bucket."""
-        return [(self.rows(L), L) for L in self.model.length_buckets]
+        return self.planner.shapes()
 
     def warm(self, log: Callable[[str], None] = lambda s: None) -> float:
         """Compile (or load from the persistent cache) every shape; returns the seconds it took."""
@@ -128,8 +132,7 @@ class BatchingWorker:
         pad = self.model.tokenizer.pad_id
         for rows, L in self.shapes():
             t = time.perf_counter()
-            ids = [[pad] * L]  # one full-length text: the planner pads it into this bucket's shape
-            (batch,) = self.model.batches(ids, self.batch_size, fixed_rows=True)
+            (batch,) = self.planner.batches([[pad] * L])  # one full-length text, padded to this bucket's shape
             assert batch.ids.shape == (rows, L), (batch.ids.shape, rows, L)
             self._embed(batch)
             log(f"warmed {rows} x {L} in {time.perf_counter() - t:.2f} s")
@@ -241,7 +244,7 @@ class BatchingWorker:
         self.steps += 1
         t0 = time.perf_counter()
         try:
-            (batch,) = self.model.batches(ids, self.batch_size, fixed_rows=True)
+            (batch,) = self.planner.batches(ids)  # texts of one bucket: exactly one batch
             out = self._embed(batch)
             self._busy = [self._busy[0] + time.perf_counter() - t0, self._busy[1] + batch.real_tokens]
             rows = np.empty_like(out)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
+from embeddinggemma_jax.batching import padding_efficiency
 from embeddinggemma_jax.serve.schemas import TIERS
 
 # Request latency buckets (seconds): a 16-token query on a CPU takes tens of milliseconds, a
@@ -31,6 +32,7 @@ class Metrics:
         self.queue_depth = Gauge(f"{p}_queue_depth", "Texts waiting for the device, by tier", ["tier"], registry=r)
         self.rejected = Counter(f"{p}_queue_rejections", "Requests refused because the queue was full", ["tier"],
                                 registry=r)
+        self._totals = (0, 0)  # real, padded tokens (the gauge's inputs; the counters cannot be read back)
         for t in TIERS:
             self.queue_depth.labels(t).set(0)
             self.inputs.labels(t)
@@ -40,7 +42,8 @@ class Metrics:
         self.batches.inc()
         self.batch_tokens.inc(real)
         self.batch_padded.inc(padded)
-        self.padding_efficiency.set(self.batch_tokens._value.get() / max(1.0, self.batch_padded._value.get()))
+        self._totals = (self._totals[0] + real, self._totals[1] + padded)
+        self.padding_efficiency.set(padding_efficiency(*self._totals))
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

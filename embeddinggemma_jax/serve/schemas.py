@@ -38,7 +38,7 @@ def bad_request(message: str, param: str | None = None, code: str = "invalid_val
 class EmbedRequest:
     texts: list[str]
     dimensions: int | None = None
-    normalize: bool = True
+    normalize: bool | None = None  # None: the model's own choice (EmbeddingGemma: normalised)
     truncate: bool = True
     prompt_name: str | None = None
     custom_instruction: str | None = None  # prepended verbatim; None or "" means none
@@ -119,7 +119,7 @@ def _options(body: dict, prompts: dict[str, str], full_dimensions: int) -> dict:
         raise bad_request(f"unknown prompt_name {prompt_name!r}; valid names: {', '.join(sorted(prompts))}",
                           param="prompt_name", code="unknown_prompt_name")
     return {"dimensions": dims, "prompt_name": prompt_name,
-            "normalize": _typed(body, "normalize", bool, True, "true or false"),
+            "normalize": _typed(body, "normalize", bool, None, "true or false"),
             "truncate": _typed(body, "truncate", bool, True, "true or false")}
 
 

@@ -1,0 +1,95 @@
+"""The server's settings, declared once: each field is a ``serve`` flag (``options``). No web framework is
+imported here, so the command line works without the ``serve`` extra installed."""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+from pathlib import Path
+
+from embeddinggemma_jax.bench import parse_max_batch_tokens
+from embeddinggemma_jax.hub import DEFAULT_MODEL
+from embeddinggemma_jax.options import option
+
+
+def _positive(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        v = 0
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return v
+
+
+def _tokens(text: str):
+    try:
+        return parse_max_batch_tokens(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+@dataclass(frozen=True)
+class ServeOptions:
+    model: str = option(DEFAULT_MODEL, "model folder, Orbax checkpoint or hub id")
+    dtype: str = option("float32", "compute dtype", choices=["float32", "bfloat16"])
+    host: str = option("127.0.0.1", "address to listen on (127.0.0.1: this machine only; 0.0.0.0: every interface)")
+    port: int = option(8000, "TCP port")
+    served_model_name: str | None = option(None, "the name clients send as 'model' (default: the hub id, or the "
+                                                 "folder's name); the --model value and the part after the last "
+                                                 "'/' are aliases")
+    batch_size: int = option(32, "most rows in one batch", parse=_positive)
+    max_batch_tokens: int | None | str = option("auto", "most rows x padded length in one batch: 'auto' (2048 on "
+                                                        "CPU, no cap on accelerators), 'none' or N; with "
+                                                        "--batch-size it fixes each length bucket's one batch shape",
+                                                parse=_tokens)
+    max_wait_ms: float = option(5.0, "longest a partly filled batch waits for more texts of its length bucket "
+                                     "after its first text arrived, in milliseconds")
+    max_inputs: int = option(2048, "most inputs in one request (400 above)", parse=_positive)
+    max_queue: int = option(8192, "most texts waiting for the device; a request that would pass it gets 429 with "
+                                  "Retry-After (at least --max-inputs)", parse=_positive)
+    max_body_mb: float = option(32.0, "largest request body in MiB (413 above)")
+    api_key_file: str | None = option(None, "file with one accepted API key per line ('#' comments); requests then "
+                                            "need 'Authorization: Bearer <key>' (/health, /ready, /metrics stay open)")
+    warmup: str = option("all", "'all': compile every batch shape before GET /ready answers 200; 'none': ready once "
+                                "loaded, each shape compiles on first use", choices=["all", "none"])
+    log_level: str = option("info", "log level", choices=["debug", "info", "warning", "error"])
+    # Tests only (a hidden flag, see serve.cli): while this file exists the worker takes no batch.
+    test_step_gate: str | None = option(None, cli=False)
+
+    def __post_init__(self):
+        if self.max_queue < self.max_inputs:
+            raise ValueError(f"--max-queue {self.max_queue} is below --max-inputs {self.max_inputs}: a request of "
+                             f"--max-inputs texts could never be queued; raise --max-queue")
+        if self.max_wait_ms < 0 or self.max_body_mb <= 0:
+            raise ValueError("--max-wait-ms must be >= 0 and --max-body-mb > 0")
+
+    @property
+    def max_body_bytes(self) -> int:
+        return int(self.max_body_mb * 1024 * 1024)
+
+    def model_names(self) -> tuple[str, ...]:
+        """The served name first, then the aliases a request's ``model`` may also use."""
+        name = self.served_model_name or served_name_for(self.model)
+        return tuple(dict.fromkeys(n for n in (name, self.model, name.rsplit("/", 1)[-1]) if n))
+
+    def api_keys(self) -> tuple[str, ...]:
+        return load_api_keys(self.api_key_file) if self.api_key_file else ()
+
+
+def served_name_for(model: str) -> str:
+    """A hub id serves under its id; a local folder under its folder name."""
+    p = Path(model).expanduser()
+    return p.resolve().name if p.exists() else model
+
+
+def load_api_keys(path: str | Path) -> tuple[str, ...]:
+    """One key per line; blank lines and ``#`` comments ignored. A file without a key is refused."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"--api-key-file {path} does not exist")
+    lines = path.read_text(encoding="utf-8").splitlines()
+    keys = tuple(k.strip() for k in lines if k.strip() and not k.strip().startswith("#"))
+    if not keys:
+        raise ValueError(f"{path} holds no API key; put one key per line (or drop --api-key-file)")
+    return keys
