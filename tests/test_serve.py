@@ -338,6 +338,9 @@ def test_400_names_the_field(server, body, param, code):
 def test_400_malformed_json_and_tei_fields(server):
     for raw in (b"{not json", b"\xff\xfe", b"[1, 2]", b"null"):
         assert error_of(post(server, None, content=raw), 400)["code"] == "invalid_json"
+    lone = b'{"model": "tiny-gemma", "input": ["ok", "bad \\ud800"]}'  # a lone surrogate, valid JSON
+    err = error_of(post(server, None, content=lone), 400)
+    assert err["param"] == "input" and "'input[1]' is not valid UTF-8" in err["message"]
     assert error_of(post(server, {"inputs": []}, route="/embed"), 400)["param"] == "inputs"
     assert error_of(post(server, {"input": "a"}, route="/embed"), 400)["code"] == "unknown_parameter"
 
@@ -513,6 +516,30 @@ def test_two_devices_run_the_data_parallel_step(tiny_folder, tiny, tmp_path, ser
         assert "2 cpu device(s)" in s.log() and "4x16, 4x24" in s.log()
     finally:
         s.close()
+
+
+def test_a_model_that_cannot_load_exits_non_zero(tmp_path):
+    (tmp_path / "empty").mkdir()
+    s = Server(tmp_path / "empty", tmp_path, "--warmup", "none")
+    try:
+        assert s.proc.wait(120) == 1
+        assert "could not start the model" in s.log()
+    finally:
+        s.close()
+
+
+def test_bad_flags_are_one_line_errors(tmp_path):
+    def run(*args):
+        return subprocess.run([sys.executable, "-m", "embeddinggemma_jax.cli", "serve", *args], capture_output=True,
+                              text=True, cwd=REPO, env=dict(os.environ, PYTHONPATH=str(REPO)), timeout=120)
+
+    r = run("--max-inputs", "10", "--max-queue", "5")
+    assert r.returncode == 1 and "--max-queue 5 is below --max-inputs 10" in r.stderr
+    (tmp_path / "keys").write_text("# nothing\n")
+    r = run("--api-key-file", str(tmp_path / "keys"))
+    assert r.returncode == 1 and "holds no API key" in r.stderr
+    r = run("--max-batch-tokens", "lots")
+    assert r.returncode == 2 and "--max-batch-tokens" in r.stderr
 
 
 # ----------------------------------------------------------------------------- the real weights

@@ -68,8 +68,8 @@ def _draining_server(config, service):
             service.begin_drain()
 
         async def on_tick(self, counter: int) -> bool:
-            if service.state == "draining" and service.in_flight == 0:
-                return True
+            if (service.state == "draining" and service.in_flight == 0) or service.state == "failed":
+                return True  # drained; or the model could not load, and a supervisor should see the exit
             return await super().on_tick(counter)
 
     return Server(config)

@@ -12,6 +12,7 @@ import json
 from dataclasses import dataclass
 
 from embeddinggemma_jax.head import check_dimensions
+from embeddinggemma_jax.tokenize import check_texts
 
 TIERS = ("priority", "default")  # the order in which the worker takes them
 ENCODING_FORMATS = ("float", "base64")
@@ -91,7 +92,10 @@ def _texts(value, field: str, max_inputs: int) -> list[str]:
                               f"strings", param=field, code="token_ids_unsupported")
         raise bad_request(f"'{field}[{i}]' is a JSON {_json_type(t)}; every input must be a string",
                           param=field, code="invalid_type")
-    return list(value)
+    try:  # JSON can carry lone surrogates ("\ud800"), which no tokenizer takes
+        return check_texts(value, lambda i: f"'{field}[{i}]'")
+    except ValueError as e:
+        raise bad_request(str(e), param=field) from None
 
 
 def _typed(body: dict, field: str, kind: type, default, kind_name: str):
