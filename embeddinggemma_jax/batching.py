@@ -58,13 +58,13 @@ def bucket_length(n: int, buckets: Sequence[int]) -> int:
     return buckets[i]
 
 
-def resolve_max_batch_tokens(value="auto") -> int | None:
-    """'auto' -> the default backend's cap (``CPU_MAX_BATCH_TOKENS`` on CPU, None elsewhere); None (no cap)
-    and positive integers pass through; anything else is a ValueError."""
+def resolve_max_batch_tokens(value="auto", cpu: int = CPU_MAX_BATCH_TOKENS) -> int | None:
+    """'auto' -> the default backend's cap (``cpu`` on CPU, None elsewhere); None (no cap) and positive
+    integers pass through; anything else is a ValueError."""
     if isinstance(value, str) and value == "auto":
         import jax
 
-        return CPU_MAX_BATCH_TOKENS if jax.default_backend() == "cpu" else None
+        return cpu if jax.default_backend() == "cpu" else None
     if value is None or (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
         return value
     raise ValueError(f"max_batch_tokens must be a positive integer, None (no cap) or 'auto', got {value!r}")

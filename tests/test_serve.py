@@ -289,7 +289,9 @@ def test_health_ready_models_metrics_and_startup_log(server):
     assert 0 < eff <= 1
     log = server.log()
     assert f"http://127.0.0.1:{server.port}" in log and "dtype float32" in log and "1 cpu device(s)" in log
-    assert re.search(r"batch shapes \(rows x length\), one per length bucket: 32x16, ", log)
+    # --max-batch-tokens auto: 256 tokens a batch on CPU, powers of two below --batch-size 32
+    assert "batch shapes (rows x length), one per length bucket: 16x16, 8x24, 8x32, 4x40, 4x48, 4x64, 2x80, 2x96, " \
+           "2x112, 2x128" in log
 
 
 # ----------------------------------------------------------------------------- errors
@@ -429,19 +431,21 @@ def test_priority_overtakes_queued_default_requests(gated):
     s = {i: v - first for i, v in steps(results).items()}
     p = steps(r2)[0] - first
     # Batch 0: the priority text of bucket 24 leads, alone in its bucket. Batch 1: the other priority text
-    # leads bucket 16 and the five earlier default texts fill its spare rows (32 rows a batch).
+    # leads bucket 16 and the five earlier default texts fill its spare rows (16 rows a batch).
     assert p == 1 and set(s.values()) == {1}
     gated.gate.touch()
     first = gated.metric("embeddinggemma_batches_total")
-    threads, results = background(gated, [{"input": BUCKET_TEXT[112]}, {"input": BUCKET_TEXT[40]}])
+    threads, results = background(gated, [{"input": BUCKET_TEXT[112]}])
+    gated.wait_metric("embeddinggemma_queue_depth", 1, tier="default")  # arrival order fixed: 112 first
+    t1, r1 = background(gated, [{"input": BUCKET_TEXT[40]}])
     gated.wait_metric("embeddinggemma_queue_depth", 2, tier="default")
     t2, r2 = background(gated, [{"input": BUCKET_TEXT[48], "service_tier": "priority"}])
     gated.wait_metric("embeddinggemma_queue_depth", 1, tier="priority")
     gated.gate.unlink()
-    for t in threads + t2:
+    for t in threads + t1 + t2:
         t.join()
-    s = {i: v - first for i, v in steps(results).items()}
-    assert steps(r2)[0] - first == 0 and s == {0: 1, 1: 2}  # then the defaults, oldest first
+    assert steps(r2)[0] - first == 0  # the priority text first
+    assert (steps(results)[0] - first, steps(r1)[0] - first) == (1, 2)  # then the defaults, oldest first
 
 
 @pytest.mark.slow

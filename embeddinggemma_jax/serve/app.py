@@ -26,7 +26,8 @@ from starlette.routing import Route
 
 from embeddinggemma_jax.head import apply_dimensions
 from embeddinggemma_jax.serve.engine import BatchingWorker, Job, QueueFull
-from embeddinggemma_jax.serve.config import ServeOptions
+from embeddinggemma_jax.batching import resolve_max_batch_tokens
+from embeddinggemma_jax.serve.config import SERVE_CPU_MAX_BATCH_TOKENS, ServeOptions
 from embeddinggemma_jax.serve.metrics import Metrics
 from embeddinggemma_jax.serve.schemas import ApiError, EmbedRequest, parse_json, parse_openai, parse_tei
 
@@ -58,7 +59,8 @@ class Service:
             c = self.config
             t0 = time.perf_counter()
             if self.model is None:
-                self.model = EmbeddingGemma.from_pretrained(c.model, dtype=c.dtype, max_batch_tokens=c.max_batch_tokens)
+                cap = resolve_max_batch_tokens(c.max_batch_tokens, cpu=SERVE_CPU_MAX_BATCH_TOKENS)
+                self.model = EmbeddingGemma.from_pretrained(c.model, dtype=c.dtype, max_batch_tokens=cap)
             log.info("loaded %s (%s) in %.1f s: dtype %s, %d %s device(s)", c.model, self.model.source,
                      time.perf_counter() - t0, self.model.dtype, jax.local_device_count(), jax.default_backend())
             self.worker = BatchingWorker(self.model, batch_size=c.batch_size, max_wait=c.max_wait_ms / 1000.0,

@@ -11,6 +11,11 @@ from embeddinggemma_jax.bench import parse_max_batch_tokens
 from embeddinggemma_jax.hub import DEFAULT_MODEL
 from embeddinggemma_jax.options import option
 
+# The server's cap on a CPU batch (rows x padded length). Every text runs in its bucket's one fixed shape,
+# so rows no text fills are computed as padding: small batches waste little when few texts of a bucket
+# wait, and idle requests pay for few padding rows (README, Embeddings server: 256 against 512).
+SERVE_CPU_MAX_BATCH_TOKENS = 256
+
 
 def _positive(text: str) -> int:
     try:
@@ -39,10 +44,10 @@ class ServeOptions:
                                                  "folder's name); the --model value and the part after the last "
                                                  "'/' are aliases")
     batch_size: int = option(32, "most rows in one batch", parse=_positive)
-    max_batch_tokens: int | None | str = option("auto", "most rows x padded length in one batch: 'auto' (2048 on "
-                                                        "CPU, no cap on accelerators), 'none' or N; with "
-                                                        "--batch-size it fixes each length bucket's one batch shape",
-                                                parse=_tokens)
+    max_batch_tokens: int | None | str = option("auto", "most rows x padded length in one batch: 'auto' "
+                                                        f"({SERVE_CPU_MAX_BATCH_TOKENS} on CPU, no cap on "
+                                                        "accelerators), 'none' or N; with --batch-size it fixes "
+                                                        "each length bucket's one batch shape", parse=_tokens)
     max_wait_ms: float = option(5.0, "longest a partly filled batch waits for more texts of its length bucket "
                                      "after its first text arrived, in milliseconds")
     max_inputs: int = option(2048, "most inputs in one request (400 above)", parse=_positive)
