@@ -552,7 +552,8 @@ def test_bad_flags_are_one_line_errors(tmp_path):
 def test_real_model_card_similarities(real_folder, real_model, tmp_path, serve_cache):
     from embeddinggemma_jax.cli import DEMO_DOCUMENTS, DEMO_QUERY
 
-    s = Server(real_folder, tmp_path, "--warmup", "none", env_cache=serve_cache)
+    s = Server(real_folder, tmp_path, "--warmup", "none", "--served-model-name", "google/embeddinggemma-300m",
+               env_cache=serve_cache)
     try:
         s.wait_ready()
         c = client(s, key="unused")
