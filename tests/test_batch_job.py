@@ -344,3 +344,24 @@ def test_real_weights_small_job_matches_sentence_transformers(real_folder, st_mo
     cos = (emb * ref).sum(1) / np.linalg.norm(ref, axis=1)
     assert cos.min() >= 0.99999, cos
     assert verify(str(out))["records"] == 5
+
+
+def test_job_stages_run_on_their_own(tiny_folder, corpus, reference, tmp_path):
+    """setup -> prepare -> step -> write -> finalize, called one by one, rebuild the reference output."""
+    from embeddinggemma_jax.batch import job
+
+    out = tmp_path / "staged"
+    ctx = job.setup(EmbedOptions(model=str(tiny_folder), inputs=[str(corpus)], output=str(out), id_field="id",
+                                 title_field="title", **FAST))
+    stats, names = job.JobStats(), []
+    for u in job.my_units(ctx, names):
+        prep = job.prepare(ctx, u)
+        assert sorted(np.concatenate([b.index for b in prep.plan]).tolist()) == list(range(len(u.records)))
+        assert job.schedule(ctx, prep.plan) == prep.plan  # one process: no fillers
+        raw = job.step(ctx, prep, stats)
+        assert raw.shape == (len(u.records), ctx.model.dimensions)
+        job.write(ctx, prep, raw, stats)
+        assert job.prepare(ctx, u) is None  # the shard is done now
+    summary = job.finalize(ctx, stats, names, 1.0)
+    assert summary["records"] == stats.records == 60 and summary["units_done"] == 4
+    assert output_files(out) == output_files(reference[0])

@@ -1,9 +1,17 @@
 """The resumable, multi-host embedding job and its verifier.
 
-Flow per host: stream the inputs unit by unit (``readers``); for each unit this host owns whose
-shard is not already done: apply the prompt, tokenise, cut into fixed-shape batches
-(``batching.BatchPlanner``), run the sharded step (``step``), write the shard (``shards``). Unit ``(f, k)``
-belongs to host ``(f + k) % processes``.
+Named stages, each a function of the ``JobContext`` that ``setup`` builds once:
+
+- ``setup``: validate options, start the processes, load the model, build the planner and the sharded
+  step, claim the output folder (job.json);
+- ``prepare``: one unit's records -> prompt + tokenise -> planned batches (``batching.BatchPlanner``);
+  ``schedule``: this host's batches in the global (lock-step) order;
+- ``step``: pad and run the batches through the sharded step (``batch.step``) -> raw embeddings;
+- ``write``: the unit's shard (``shards``), atomically;
+- ``finalize``: totals over hosts, manifest.json and errors.jsonl.
+
+``run_embed`` strings them together over this host's units (``my_units``: unit ``(f, k)`` belongs to
+host ``(f + k) % processes``); counters live in a ``JobStats``.
 
 Multi-host lock-step: every jitted call is a collective over all hosts, so in each round (one
 unit per host) the hosts exchange how many batches each has per bucket and all run the maximum,
@@ -130,7 +138,72 @@ def _rows_table(topo, buckets, tokens_per_device):
     return {L: int(table.get(L) or round_rows(max(1, budget // L))) for L in buckets}
 
 
-def run_embed(o: EmbedOptions) -> dict:
+@dataclass
+class JobStats:
+    """This host's (or, after ``totals``, all hosts') counters of one run."""
+
+    records: int = 0
+    bad: int = 0
+    tokens: int = 0
+    padded_tokens: int = 0
+    units_done: int = 0
+    units_skipped: int = 0
+    batches: int = 0
+
+    def as_dict(self) -> dict:
+        return {k: getattr(self, k) for k in sorted(self.__dataclass_fields__)}
+
+    def totals(self) -> "JobStats":
+        """Summed over all hosts (split in 30-bit halves: int32 collectives)."""
+        from embeddinggemma_jax.batch.step import allgather_ints
+
+        d = self.as_dict()
+        if _process_count() == 1:
+            return JobStats(**d)
+        g = allgather_ints([x for k in d for x in divmod(d[k], 1 << 30)]).astype(np.int64).sum(0)
+        return JobStats(**{k: int(g[2 * i]) * (1 << 30) + int(g[2 * i + 1]) for i, k in enumerate(d)})
+
+
+def _process_count() -> int:
+    import jax
+
+    return jax.process_count()
+
+
+@dataclass
+class JobContext:
+    """Everything ``setup`` decides once per run; the later stages only read it."""
+
+    options: EmbedOptions
+    processes: int
+    process_index: int
+    spec: InputSpec
+    model: object
+    encoder: object  # step.ShardedEncoder
+    planner: BatchPlanner
+    buckets: tuple[int, ...]
+    local_rows: dict[int, int]
+    prompt: str
+    dims: int
+    mesh_shape: tuple[int, int]
+    out: object  # epath of the output folder
+    job: dict
+    t_start: float
+
+
+@dataclass
+class Prepared:
+    """A unit's records tokenised and cut into batches (``plan``); ``None`` stands for a done shard."""
+
+    unit: Unit
+    tokens: list
+    lengths: list[int]
+    plan: list[PlannedBatch]
+
+
+def setup(o: EmbedOptions) -> JobContext:
+    """Validate the options, start the processes, load the model, build the planner and the sharded step,
+    and claim (or check, when resuming) the output folder's job.json."""
     if o.on_bad_record not in ("fail", "skip"):
         raise JobError(f"--on-bad-record must be fail or skip, got {o.on_bad_record!r}")
     if o.unit_size < 1:
@@ -144,9 +217,8 @@ def run_embed(o: EmbedOptions) -> dict:
     import jax
 
     from embeddinggemma_jax import EmbeddingGemma, topologies
-    from embeddinggemma_jax.batch.step import ShardedEncoder, allgather_ints, barrier
-    from embeddinggemma_jax.head import apply_dimensions, check_dimensions
-    from embeddinggemma_jax.model import DOCUMENT_TEMPLATE
+    from embeddinggemma_jax.batch.step import ShardedEncoder
+    from embeddinggemma_jax.head import check_dimensions
     from embeddinggemma_jax.sharding import DATA_PARALLEL_RULES, make_mesh
 
     P, me = jax.process_count(), jax.process_index()
@@ -186,6 +258,15 @@ def run_embed(o: EmbedOptions) -> dict:
     model_info = {"source": str(model.source), "sha256": model_hash(model.source)}
     job = {"options": options, "model": model_info}
     out = shards.epath(o.output)
+    _claim_output(out, o.output, job, me)
+    return JobContext(o, P, me, spec, model, enc, planner, buckets, local_rows, prompt, dims, mesh_shape, out, job,
+                      t_start)
+
+
+def _claim_output(out, name: str, job: dict, me: int) -> None:
+    from embeddinggemma_jax.batch.step import barrier
+
+    options = job["options"]
     if me == 0:
         out.mkdir(parents=True, exist_ok=True)
         (out / shards.SHARDS).mkdir(parents=True, exist_ok=True)
@@ -196,9 +277,9 @@ def run_embed(o: EmbedOptions) -> dict:
         if old != job:
             diff = sorted(k for k in set(old.get("options", {})) | set(options)
                           if old.get("options", {}).get(k) != options.get(k))
-            if old.get("model") != model_info:
+            if old.get("model") != job["model"]:
                 diff.append("model")
-            raise JobError(f"{o.output} holds a run with different settings ({', '.join(diff)}); rerun with the "
+            raise JobError(f"{name} holds a run with different settings ({', '.join(diff)}); rerun with the "
                            f"same command to resume, or use a new --output")
     barrier("embed-job-checked")
     if me == 0:
@@ -207,137 +288,179 @@ def run_embed(o: EmbedOptions) -> dict:
             shards.write_atomic(job_path, (json.dumps(job, indent=1) + "\n").encode())
     barrier("embed-start")
 
-    stats = dict(records=0, bad=0, tokens=0, padded_tokens=0, units_done=0, units_skipped=0, batches=0)
-    total_bytes = sum(input_sizes(spec.paths))
-    bar = None
-    if me == 0 and o.progress:
-        from tqdm import tqdm
 
-        bar = tqdm(total=total_bytes, unit="B", unit_scale=True, desc="embed", file=sys.stderr,
-                   dynamic_ncols=True, mininterval=0.5)
+def prepare(ctx: JobContext, u: Unit) -> Prepared | None:
+    """Tokenise a unit and plan its batches; None when its shard is already done."""
+    if shards.check_shard(ctx.out, u.name) is None:
+        return None
+    if u.bad and ctx.options.on_bad_record == "fail":
+        b = u.bad[0]
+        raise BadRecordError(f"{u.path}:{b.line}: {b.error}; fix the record or pass --on-bad-record skip")
+    from embeddinggemma_jax.model import DOCUMENT_TEMPLATE
+
+    texts = [(DOCUMENT_TEMPLATE.format(title=r.title or "none") if ctx.options.title_field else ctx.prompt) + r.text
+             for r in u.records]
+    toks = ctx.model.tokenizer.encode(texts, truncate=True) if texts else []
+    lens = [len(t) for t in toks]
+    return Prepared(u, toks, lens, ctx.planner.plan(lens))
+
+
+def schedule(ctx: JobContext, plan: list[PlannedBatch]) -> list[PlannedBatch | tuple[int, int]]:
+    """This host's batches in the global order; (rows, L) entries are all-padding fillers. On several
+    hosts every jitted call is a collective, so per bucket all hosts run the largest host's count."""
+    if ctx.processes == 1:
+        return list(plan)
+    from embeddinggemma_jax.batch.step import allgather_ints
+
+    buckets = ctx.buckets
+    counts = np.zeros(len(buckets), np.int64)
+    for b in plan:
+        counts[buckets.index(b.length)] += 1
+    steps = allgather_ints(counts).max(axis=0)
+    mine: dict[int, list[PlannedBatch]] = {}
+    for b in plan:
+        mine.setdefault(b.length, []).append(b)
+    seq = []
+    for j in reversed(range(len(buckets))):
+        L = buckets[j]
+        got = mine.get(L, [])
+        seq += got + [(ctx.local_rows[L], L)] * int(steps[j] - len(got))
+    return seq
+
+
+def step(ctx: JobContext, prep: Prepared | None, stats: JobStats) -> np.ndarray | None:
+    """Run this host's share of one round through the sharded step; the unit's raw embeddings
+    [records, model dims] in input order, or None when this host only fed fillers."""
+    toks, plan = (prep.tokens, prep.plan) if prep is not None else ([], [])
+    pending = []
+    for b in schedule(ctx, plan):
+        if isinstance(b, PlannedBatch):
+            batch = ctx.planner.pad(toks, b)
+            ids, mask = batch.ids, batch.mask
+        else:
+            ids, mask = np.zeros(b, np.int32), np.zeros(b, np.int32)
+        pending.append((b, ctx.encoder(ids, mask)))
+        stats.batches += 1
+        stats.padded_tokens += ids.size
+    if prep is None:
+        return None
+    raw = np.zeros((len(toks), ctx.model.dimensions), np.float32)
+    for b, y in pending:
+        if isinstance(b, PlannedBatch):
+            raw[b.index] = ctx.encoder.local_rows(y)[:len(b.index)]
+    return raw
+
+
+def write(ctx: JobContext, prep: Prepared, raw: np.ndarray, stats: JobStats) -> None:
+    """Truncate/normalise to the requested dimensions and write the unit's shard atomically."""
+    from embeddinggemma_jax.head import apply_dimensions
+
+    u, lens = prep.unit, prep.lengths
+    emb = apply_dimensions(raw, ctx.dims, True).astype(np.float32)
+    meta = {"file": u.path, "file_index": u.file_index, "unit": u.unit_index, "first_line": u.first_line,
+            "last_line": u.last_line, "blank": u.blank, "tokens": int(sum(lens)),
+            "padded_tokens": int(sum(b.rows * b.length for b in prep.plan)),
+            "bad": [b.to_json(u.path) for b in u.bad]}
+    shards.write_shard(ctx.out, u.name, emb, [r.id for r in u.records], meta)
+    stats.records += len(lens)
+    stats.bad += len(u.bad)
+    stats.tokens += int(sum(lens))
+    stats.units_done += 1
+
+
+def finalize(ctx: JobContext, stats: JobStats, unit_names: list[str], wall: float) -> dict:
+    """Sum the hosts' counters, write manifest.json and errors.jsonl (process 0), and return the summary."""
+    import jax
+
+    from embeddinggemma_jax.batch.step import barrier
+
+    total = stats.totals().as_dict()
+    barrier("embed-shards-written")
+    manifest = write_manifest(ctx.out, unit_names, ctx.job) if ctx.process_index == 0 else None
+    barrier("embed-manifest")
+    summary = dict(total, wall_seconds=round(wall, 3), total_seconds=round(time.perf_counter() - ctx.t_start, 3),
+                   compile_seconds=round(ctx.encoder.compile_seconds, 3), compiled_shapes=ctx.encoder.num_shapes,
+                   processes=ctx.processes, devices=jax.device_count(), mesh=list(ctx.mesh_shape),
+                   records_per_second=round(total["records"] / max(wall, 1e-9), 2),
+                   tokens_per_second=round(total["tokens"] / max(wall, 1e-9), 2),
+                   padding_efficiency_this_run=round(padding_efficiency(total["tokens"], total["padded_tokens"]), 4)
+                   if total["padded_tokens"] else None)
+    if manifest is not None:
+        summary["manifest_counts"] = manifest["counts"]
+    return summary
+
+
+class _Progress:
+    """Process 0's progress bar over input bytes (a no-op elsewhere or with --no-progress)."""
+
+    def __init__(self, ctx: JobContext, stats: JobStats):
+        self.stats, self.t0, self.bar = stats, time.perf_counter(), None
+        self.total = sum(input_sizes(ctx.spec.paths))
+        if ctx.process_index == 0 and ctx.options.progress:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=self.total, unit="B", unit_scale=True, desc="embed", file=sys.stderr,
+                            dynamic_ncols=True, mininterval=0.5)
+
+    def tick(self, u: Unit | None) -> None:
+        if self.bar is None or u is None:
+            return
+        self.bar.n = u.bytes_done
+        dt = max(1e-9, time.perf_counter() - self.t0)
+        s = self.stats
+        self.bar.set_postfix_str(f"{s.records / dt:,.0f} rec/s, {s.tokens / dt:,.0f} tok/s, {s.units_done} shards",
+                                 refresh=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.n = self.total
+            self.bar.close()
+
+
+def my_units(ctx: JobContext, unit_names: list[str]):
+    """This host's units in input order (unit ``(f, k)`` belongs to host ``(f + k) % processes``); every
+    unit's name, this host's or not, is appended to ``unit_names`` (process 0 lists them in the manifest)."""
+    for u in iter_units(ctx.spec, lambda f, k: (f + k) % ctx.processes == ctx.process_index):
+        unit_names.append(u.name)
+        if u.selected:
+            yield u
+
+
+def run_embed(o: EmbedOptions) -> dict:
+    """setup -> per round (one unit per host): prepare (tokenise, plan) -> step -> write -> finalize."""
+    from embeddinggemma_jax.batch.step import allgather_ints
+
+    ctx = setup(o)
+    P, me = ctx.processes, ctx.process_index
+    stats = JobStats()
+    progress = _Progress(ctx, stats)
     t_loop = time.perf_counter()
-    all_units: list[str] = []
-
-    def my_units():
-        for u in iter_units(spec, lambda f, k: (f + k) % P == me):
-            all_units.append(u.name)
-            if u.selected:
-                yield u
-
-    def prepare(u: Unit):
-        """(token ids, lengths, planned batches), or None when the shard is already done."""
-        if shards.check_shard(out, u.name) is None:
-            return None
-        if u.bad and o.on_bad_record == "fail":
-            b = u.bad[0]
-            raise BadRecordError(f"{u.path}:{b.line}: {b.error}; fix the record or pass --on-bad-record skip")
-        texts = [(DOCUMENT_TEMPLATE.format(title=r.title or "none") if o.title_field else prompt) + r.text
-                 for r in u.records]
-        toks = model.tokenizer.encode(texts, truncate=True) if texts else []
-        lens = [len(t) for t in toks]
-        plan = planner.plan(lens)
-        return toks, lens, plan
-
-    def schedule(plan: list[PlannedBatch]) -> list[PlannedBatch | tuple[int, int]]:
-        """This host's batches in the global order; (rows, L) entries are all-padding fillers."""
-        if P == 1:
-            return list(plan)
-        counts = np.zeros(len(buckets), np.int64)
-        for b in plan:
-            counts[buckets.index(b.length)] += 1
-        steps = allgather_ints(counts).max(axis=0)
-        mine: dict[int, list[PlannedBatch]] = {}
-        for b in plan:
-            mine.setdefault(b.length, []).append(b)
-        seq = []
-        for j in reversed(range(len(buckets))):
-            L = buckets[j]
-            got = mine.get(L, [])
-            seq += got + [(local_rows[L], L)] * int(steps[j] - len(got))
-        return seq
-
-    def run_unit(u: Unit | None, prep) -> None:
-        toks, lens, plan = prep if prep is not None else ([], [], [])
-        pending = []
-        for b in schedule(plan):
-            if isinstance(b, PlannedBatch):
-                batch = planner.pad(toks, b)
-                ids, mask = batch.ids, batch.mask
-            else:
-                ids, mask = np.zeros(b, np.int32), np.zeros(b, np.int32)
-            pending.append((b, enc(ids, mask)))
-            stats["batches"] += 1
-            stats["padded_tokens"] += ids.size
-        if u is None or prep is None:
-            return
-        raw = np.zeros((len(toks), model.dimensions), np.float32)
-        for b, y in pending:
-            if isinstance(b, PlannedBatch):
-                raw[b.index] = enc.local_rows(y)[:len(b.index)]
-        emb = apply_dimensions(raw, dims, True).astype(np.float32)
-        meta = {"file": u.path, "file_index": u.file_index, "unit": u.unit_index, "first_line": u.first_line,
-                "last_line": u.last_line, "blank": u.blank, "tokens": int(sum(lens)),
-                "padded_tokens": int(sum(b.rows * b.length for b in plan)),
-                "bad": [b.to_json(u.path) for b in u.bad]}
-        shards.write_shard(out, u.name, emb, [r.id for r in u.records], meta)
-        stats["records"] += len(toks)
-        stats["bad"] += len(u.bad)
-        stats["tokens"] += int(sum(lens))
-        stats["units_done"] += 1
-
-    def tick(u: Unit | None) -> None:
-        if bar is None or u is None:
-            return
-        bar.n = u.bytes_done
-        dt = max(1e-9, time.perf_counter() - t_loop)
-        bar.set_postfix_str(f"{stats['records'] / dt:,.0f} rec/s, {stats['tokens'] / dt:,.0f} tok/s, "
-                            f"{stats['units_done']} shards", refresh=True)
-
-    units = my_units()
+    unit_names: list[str] = []
+    mine = my_units(ctx, unit_names)
     while True:
-        u = next(units, None)
-        prep = prepare(u) if u is not None else None
+        u = next(mine, None)
+        prep = prepare(ctx, u) if u is not None else None
         if u is not None and prep is None:
-            stats["units_skipped"] += 1
+            stats.units_skipped += 1
         if P > 1:
             # every host must agree on whether another round runs (all collectives are lock-step)
             flags = allgather_ints([u is None, prep is None])
             if flags[:, 0].all():
                 break
             if flags[:, 1].all():
-                tick(u)
+                progress.tick(u)
                 continue
         elif u is None:
             break
         elif prep is None:
-            tick(u)
+            progress.tick(u)
             continue
-        run_unit(u, prep)
-        tick(u)
-    if bar is not None:
-        bar.n = total_bytes
-        bar.close()
-    wall = time.perf_counter() - t_loop
-
-    if P > 1:  # this run's totals over all hosts (split in 30-bit halves: int32 collectives)
-        keys = sorted(stats)
-        g = allgather_ints([x for k in keys for x in divmod(stats[k], 1 << 30)]).astype(np.int64).sum(0)
-        stats = {k: int(g[2 * i]) * (1 << 30) + int(g[2 * i + 1]) for i, k in enumerate(keys)}
-    barrier("embed-shards-written")
-    manifest = None
-    if me == 0:
-        manifest = write_manifest(out, all_units, job)
-    barrier("embed-manifest")
-    summary = dict(stats, wall_seconds=round(wall, 3), total_seconds=round(time.perf_counter() - t_start, 3),
-                   compile_seconds=round(enc.compile_seconds, 3), compiled_shapes=enc.num_shapes,
-                   processes=P, devices=jax.device_count(), mesh=list(mesh_shape),
-                   records_per_second=round(stats["records"] / max(wall, 1e-9), 2),
-                   tokens_per_second=round(stats["tokens"] / max(wall, 1e-9), 2),
-                   padding_efficiency_this_run=round(padding_efficiency(stats["tokens"], stats["padded_tokens"]), 4)
-                   if stats["padded_tokens"] else None)
-    if manifest is not None:
-        summary["manifest_counts"] = manifest["counts"]
-    return summary
+        raw = step(ctx, prep, stats)
+        if prep is not None:
+            write(ctx, prep, raw, stats)
+        progress.tick(u)
+    progress.close()
+    return finalize(ctx, stats, unit_names, time.perf_counter() - t_loop)
 
 
 def write_manifest(out, unit_names: list[str], job: dict) -> dict:
@@ -449,5 +572,6 @@ def verify(out_dir: str, inputs: Sequence[str] | None = None, check_values: bool
     return {"records": n_records, "bad_records": n_bad, "shards": len(expected_files) // 3}
 
 
-__all__ = ["EmbedOptions", "run_embed", "verify", "write_manifest", "format_summary", "model_hash",
+__all__ = ["EmbedOptions", "JobContext", "JobStats", "Prepared", "setup", "prepare", "schedule", "step", "write",
+           "finalize", "my_units", "run_embed", "verify", "write_manifest", "format_summary", "model_hash",
            "JobError", "VerifyError", "MANIFEST", "ERRORS"]
