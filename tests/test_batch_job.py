@@ -22,6 +22,7 @@ import pytest
 from embeddinggemma_jax.batch import shards
 from embeddinggemma_jax.batch.job import EmbedOptions, JobError, VerifyError, run_embed, verify
 from embeddinggemma_jax.batch.readers import BadRecordError, InputSpec, iter_units
+from embeddinggemma_jax.errors import InputError
 from embeddinggemma_jax.batching import BatchPlanner, allowed_rows, plan_efficiency
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -188,7 +189,7 @@ def test_job_matches_encode_document_and_writes_a_verifiable_output(tiny_folder,
     assert manifest["model"]["sha256"] and len(manifest["shards"]) == 4
     assert summary["compile_seconds"] > 0 and summary["compiled_shapes"] <= 2
     assert 0 < summary["padding_efficiency_this_run"] <= 1
-    assert verify(str(out)) == {"records": len(recs), "bad_records": 0, "shards": 4}
+    assert verify(str(out)) == {"records": len(recs), "bad_records": 0, "shards": 4, "duplicate_ids": []}
 
 
 def test_verify_catches_missing_tampered_and_extra_shards(reference, tmp_path):
@@ -365,3 +366,71 @@ def test_job_stages_run_on_their_own(tiny_folder, corpus, reference, tmp_path):
     summary = job.finalize(ctx, stats, names, 1.0)
     assert summary["records"] == stats.records == 60 and summary["units_done"] == 4
     assert output_files(out) == output_files(reference[0])
+
+
+# ------------------------------------------------------------------------------------------ refusals (issue 14)
+def test_output_folder_that_is_not_a_job_folder_is_refused_before_writing(tiny_folder, corpus, tmp_path):
+    out = tmp_path / "mine"
+    (out / "sub").mkdir(parents=True)
+    (out / "notes.txt").write_text("keep me")
+    (out / "manifest.json").write_text("{}")
+    before = output_files(out)
+    with pytest.raises(JobError, match="not an embed job folder; refusing"):
+        run_embed(EmbedOptions(model=str(tiny_folder), inputs=[str(corpus)], output=str(out), id_field="id", **FAST))
+    assert output_files(out) == before and sorted(p.name for p in out.iterdir()) == ["manifest.json", "notes.txt", "sub"]
+
+
+def test_the_same_input_file_twice_is_refused(tiny_folder, corpus, tmp_path):
+    link = tmp_path / "link.jsonl"
+    link.symlink_to(corpus)
+    for again in (str(corpus.parent / "." / corpus.name), str(link)):
+        with pytest.raises(InputError, match="name the same file"):
+            run_embed(EmbedOptions(model=str(tiny_folder), inputs=[str(corpus), again], output=str(tmp_path / "o"),
+                                   **FAST))
+    assert not (tmp_path / "o").exists()
+
+
+def test_duplicate_ids_are_kept_and_reported_with_both_lines(tiny_folder, tmp_path, capsys):
+    from embeddinggemma_jax.cli import main
+
+    p = write_corpus(tmp_path / "dup.jsonl", n=30)
+    lines = p.read_text().splitlines()
+    rec = json.loads(lines[24])
+    rec["id"] = "doc-3"  # line 25 repeats line 3's id, in another unit
+    lines[24] = json.dumps(rec)
+    p.write_text("\n".join(lines) + "\n")
+    out = tmp_path / "out"
+    run_embed(EmbedOptions(model=str(tiny_folder), inputs=[str(p)], output=str(out), id_field="id", **FAST))
+    want = [{"id": "doc-3", "first": {"file": str(p), "line": 3}, "again": {"file": str(p), "line": 25}}]
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["duplicate_ids"] == want and manifest["counts"]["duplicate_ids"] == 1
+    assert manifest["counts"]["records"] == 30  # both kept
+    assert verify(str(out))["duplicate_ids"] == want
+    assert main(["verify", str(out)]) == 0
+    assert f"duplicate id \"doc-3\": {p}:3 and {p}:25" in capsys.readouterr().out
+    # a manifest that hides them does not verify
+    manifest["duplicate_ids"] = []
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(VerifyError, match="1 records with a repeated id, the manifest lists 0"):
+        verify(str(out))
+
+
+def test_bad_record_on_one_host_stops_both_with_its_message(tiny_folder, cache, tmp_path):
+    """Line 20 is in unit 1, which process 1 owns; with --on-bad-record fail both processes exit 1
+    with the same message instead of process 0 waiting in the next collective."""
+    p = write_corpus(tmp_path / "bad.jsonl", n=40, bad_lines=(20,))
+    port = _free_port()
+    procs = [subprocess.Popen(cli("embed", "--model", tiny_folder, "--input", p, "--output", tmp_path / "out",
+                                  "--id-field", "id", *FAST_ARGS,
+                                  "--coordinator", f"127.0.0.1:{port}", "--num-processes", 2, "--process-id", i),
+                              env=env_for(1, cache), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for i in range(2)]
+    try:
+        results = [q.communicate(timeout=150) for q in procs]
+    finally:
+        for q in procs:
+            if q.poll() is None:
+                q.kill()
+    msgs = [err.strip().splitlines()[-1] for _, err in results]
+    assert [q.returncode for q in procs] == [1, 1], msgs
+    assert msgs[0] == msgs[1] and f"{p}:20:" in msgs[0] and "--on-bad-record skip" in msgs[0]

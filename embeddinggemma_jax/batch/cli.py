@@ -44,4 +44,9 @@ def cmd_verify(args) -> int:
     r = verify(args.dir, args.input)
     print(f"ok: {r['records']:,} records in {r['shards']} shards, each exactly once; "
           f"{r['bad_records']} bad records listed in errors.jsonl")
+    for d in r["duplicate_ids"][:10]:
+        print(f"duplicate id {json.dumps(d['id'])}: {d['first']['file']}:{d['first']['line']} and "
+              f"{d['again']['file']}:{d['again']['line']} (both embedded)")
+    if r["duplicate_ids"]:
+        print(f"{len(r['duplicate_ids']):,} records repeat an earlier record's id; all are listed in manifest.json")
     return 0

@@ -42,6 +42,7 @@ from embeddinggemma_jax.batch.readers import (
     infer_format,
     input_sizes,
     iter_units,
+    unit_name,
 )
 from embeddinggemma_jax.batching import (
     JOB_LENGTH_BUCKETS,
@@ -233,6 +234,7 @@ def setup(o: EmbedOptions) -> JobContext:
     fmt = o.format or infer_format(inputs)
     spec = InputSpec(tuple(inputs), fmt, o.text_field, o.id_field, o.title_field, o.unit_size)
     input_sizes(spec.paths)  # fail early on a missing input
+    check_output_folder(o.output)
 
     t_start = time.perf_counter()
     model = EmbeddingGemma.from_pretrained(o.model, dtype=dtype)
@@ -263,13 +265,27 @@ def setup(o: EmbedOptions) -> JobContext:
                       t_start)
 
 
+def check_output_folder(output: str) -> None:
+    """Refuse, before anything is written, an existing --output that is not an embed job folder: a
+    non-empty folder without job.json (leftover temporaries of an atomic write do not count)."""
+    out = shards.epath(output)
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise JobError(f"--output {output} is a file, not a folder; pass a new or empty folder")
+    names = sorted(p.name for p in out.iterdir() if not p.name.startswith(shards.TMP_PREFIX))
+    if names and JOB not in names:
+        raise JobError(f"--output {output} is not empty ({', '.join(names[:3])}{', ...' if len(names) > 3 else ''}) "
+                       f"and holds no {JOB}, so it is not an embed job folder; refusing to write into it: pass a "
+                       f"new or empty folder")
+
+
 def _claim_output(out, name: str, job: dict, me: int) -> None:
     from embeddinggemma_jax.batch.step import barrier
 
     options = job["options"]
     if me == 0:
         out.mkdir(parents=True, exist_ok=True)
-        (out / shards.SHARDS).mkdir(parents=True, exist_ok=True)
     barrier("embed-mkdir")
     job_path = out / JOB
     if job_path.exists():
@@ -286,6 +302,7 @@ def _claim_output(out, name: str, job: dict, me: int) -> None:
         shards.remove_temporaries(out)
         if not job_path.exists():
             shards.write_atomic(job_path, (json.dumps(job, indent=1) + "\n").encode())
+        (out / shards.SHARDS).mkdir(parents=True, exist_ok=True)
     barrier("embed-start")
 
 
@@ -428,7 +445,7 @@ def my_units(ctx: JobContext, unit_names: list[str]):
 
 def run_embed(o: EmbedOptions) -> dict:
     """setup -> per round (one unit per host): prepare (tokenise, plan) -> step -> write -> finalize."""
-    from embeddinggemma_jax.batch.step import allgather_ints
+    from embeddinggemma_jax.batch.step import agree_error, allgather_ints
 
     ctx = setup(o)
     P, me = ctx.processes, ctx.process_index
@@ -439,12 +456,22 @@ def run_embed(o: EmbedOptions) -> dict:
     mine = my_units(ctx, unit_names)
     while True:
         u = next(mine, None)
-        prep = prepare(ctx, u) if u is not None else None
-        if u is not None and prep is None:
+        error = None
+        try:
+            prep = prepare(ctx, u) if u is not None else None
+        except BadRecordError as e:
+            if P == 1:
+                raise
+            error, prep = str(e), None
+        if u is not None and prep is None and error is None:
             stats.units_skipped += 1
         if P > 1:
-            # every host must agree on whether another round runs (all collectives are lock-step)
-            flags = allgather_ints([u is None, prep is None])
+            # every host must agree on whether another round runs (all collectives are lock-step), and a
+            # bad record on one host stops every host with its message
+            flags = allgather_ints([u is None, prep is None, error is not None])
+            if flags[:, 2].any():
+                progress.close()
+                raise BadRecordError(agree_error(error))
             if flags[:, 0].all():
                 break
             if flags[:, 1].all():
@@ -463,6 +490,55 @@ def run_embed(o: EmbedOptions) -> dict:
     return finalize(ctx, stats, unit_names, time.perf_counter() - t_loop)
 
 
+def _id_key(x) -> str:
+    return json.dumps(x, sort_keys=True)
+
+
+def find_duplicates(records) -> list[dict]:
+    """``records``: (id, file, line) in input order. Every record whose id an earlier record already
+    has, as ``{"id", "first": {"file", "line"}, "again": {"file", "line"}}``: both are kept (README)."""
+    first: dict[str, tuple[str, int]] = {}
+    out = []
+    for rid, path, line in records:
+        k = _id_key(rid)
+        if k in first:
+            f, ln = first[k]
+            out.append({"id": rid, "first": {"file": f, "line": ln}, "again": {"file": path, "line": line}})
+        else:
+            first[k] = (path, line)
+    return out
+
+
+def _shard_duplicates(out, unit_names: list[str], options: dict) -> list[dict]:
+    """Duplicate ids over the finished shards; the line numbers of the (few) units involved are read back
+    from the input (ids files hold no lines)."""
+    owner: dict[str, tuple[str, int]] = {}
+    hits = []  # (id, (unit, position) first, (unit, position) again)
+    for name in unit_names:
+        _, ids = shards.load_shard(out, name)
+        for i, rid in enumerate(ids):
+            k = _id_key(rid)
+            if k in owner:
+                hits.append((rid, owner[k], (name, i)))
+            else:
+                owner[k] = (name, i)
+    if not hits:
+        return []
+    involved = {n for _, a, b in hits for n in (a[0], b[0])}
+    spec = InputSpec(tuple(options["inputs"]), options["format"], options["text_field"], options["id_field"],
+                     options["title_field"], options["unit_size"])
+    where = {}
+    for u in iter_units(spec, lambda f, k: unit_name(f, k) in involved):
+        if u.selected:
+            where[u.name] = [(u.path, r.line) for r in u.records]
+
+    def at(ref):
+        path, line = where[ref[0]][ref[1]]
+        return {"file": path, "line": line}
+
+    return [{"id": rid, "first": at(a), "again": at(b)} for rid, a, b in hits]
+
+
 def write_manifest(out, unit_names: list[str], job: dict) -> dict:
     """Collect every shard's metadata (all hosts'), write errors.jsonl and manifest.json."""
     metas, errors = [], []
@@ -476,6 +552,7 @@ def write_manifest(out, unit_names: list[str], job: dict) -> dict:
     shards.write_atomic(out / ERRORS, "".join(json.dumps(e, ensure_ascii=False) + "\n" for e in errors).encode())
     tokens = sum(m["tokens"] for m in metas)
     padded = sum(m["padded_tokens"] for m in metas)
+    dups = _shard_duplicates(out, unit_names, job["options"])
     manifest = {
         "format_version": FORMAT_VERSION,
         "options": job["options"],
@@ -483,7 +560,9 @@ def write_manifest(out, unit_names: list[str], job: dict) -> dict:
         "counts": {"records": sum(m["records"] for m in metas), "bad_records": len(errors),
                    "blank_lines": sum(m["blank"] for m in metas), "shards": len(metas),
                    "tokens": tokens, "padded_tokens": padded,
-                   "padding_efficiency": round(padding_efficiency(tokens, padded), 6)},
+                   "padding_efficiency": round(padding_efficiency(tokens, padded), 6),
+                   "duplicate_ids": len(dups)},
+        "duplicate_ids": dups,
         "shards": [{k: m[k] for k in ("name", "file", "first_line", "last_line", "records", "sha256")} for m in metas],
     }
     shards.write_atomic(out / MANIFEST, (json.dumps(manifest, indent=1) + "\n").encode())
@@ -502,6 +581,10 @@ def format_summary(s: dict) -> str:
         f"compile time: {s['compile_seconds']:.1f} s for {s['compiled_shapes']} batch shapes; "
         f"total {s['total_seconds']:.1f} s",
     ]
+    dups = s.get("manifest_counts", {}).get("duplicate_ids")
+    if dups:
+        lines.append(f"warning: {dups:,} records repeat an earlier record's id (both kept); manifest.json "
+                     f"duplicate_ids lists each with both file:line")
     return "\n".join(lines)
 
 
@@ -525,6 +608,7 @@ def verify(out_dir: str, inputs: Sequence[str] | None = None, check_values: bool
     expected_files = set()
     n_records = n_bad = 0
     listed = {s["name"]: s for s in manifest["shards"]}
+    id_lines = []
     for u in iter_units(spec):
         name = u.name
         expected_files |= {f"{name}.npy", f"{name}.ids.jsonl", f"{name}.json"}
@@ -554,6 +638,7 @@ def verify(out_dir: str, inputs: Sequence[str] | None = None, check_values: bool
                             f"{[b.line for b in u.bad]}")
         n_records += len(want)
         n_bad += len(u.bad)
+        id_lines += [(r.id, u.path, r.line) for r in u.records]
     extra = sorted(set(shards.list_shard_files(out)) - expected_files)
     if extra:
         problems.append(f"{len(extra)} files in shards/ belong to no input unit (e.g. {extra[0]})")
@@ -562,6 +647,10 @@ def verify(out_dir: str, inputs: Sequence[str] | None = None, check_values: bool
     errs = (out / ERRORS).read_text().splitlines() if (out / ERRORS).exists() else None
     if errs is None or len(errs) != n_bad:
         problems.append(f"{ERRORS} has {None if errs is None else len(errs)} entries, the input has {n_bad} bad records")
+    dups = find_duplicates(id_lines)
+    if dups != manifest.get("duplicate_ids", []):
+        problems.append(f"the input has {len(dups)} records with a repeated id, the manifest lists "
+                        f"{len(manifest.get('duplicate_ids', []))}")
     c = manifest["counts"]
     if c["records"] != n_records or c["bad_records"] != n_bad:
         problems.append(f"manifest counts {c['records']} records/{c['bad_records']} bad, the input has "
@@ -569,7 +658,7 @@ def verify(out_dir: str, inputs: Sequence[str] | None = None, check_values: bool
     if problems:
         more = f" (and {len(problems) - 1} more problems)" if len(problems) > 1 else ""
         raise VerifyError(problems[0] + more)
-    return {"records": n_records, "bad_records": n_bad, "shards": len(expected_files) // 3}
+    return {"records": n_records, "bad_records": n_bad, "shards": len(expected_files) // 3, "duplicate_ids": dups}
 
 
 __all__ = ["EmbedOptions", "JobContext", "JobStats", "Prepared", "setup", "prepare", "schedule", "step", "write",

@@ -13,6 +13,7 @@ skips the lines of the others without decoding them. Paths go through ``etils.ep
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, Sequence
 
@@ -113,11 +114,14 @@ def expand_inputs(paths: Sequence[str]) -> list[str]:
         if not matches:
             raise InputError(f"--input {p} matches no file")
         out += matches
-    seen = set()
+    seen: dict[str, str] = {}
     for p in out:
-        if p in seen:
-            raise InputError(f"input {p} is given twice; each file may appear once (its records would be embedded twice)")
-        seen.add(p)
+        key = p if "://" in p else os.path.realpath(p)  # ./a.jsonl, a.jsonl and a link to it are one file
+        if key in seen:
+            same = f" and {seen[key]}" if seen[key] != p else ""
+            raise InputError(f"input {p}{same} name the same file; give each file once (its records would be "
+                             f"embedded twice)")
+        seen[key] = p
     return out
 
 

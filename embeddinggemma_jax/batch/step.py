@@ -112,6 +112,22 @@ def allgather_ints(values) -> np.ndarray:
     return np.asarray(multihost_utils.process_allgather(v)).reshape(jax.process_count(), -1)
 
 
+def agree_error(message: str | None, max_bytes: int = 2048) -> str | None:
+    """Every host calls this with its error message (or None); all get back the same answer: the
+    message of the lowest-numbered host that has one, or None when no host has. One collective, so a
+    host that meets an error stops together with the others instead of leaving them in the next one."""
+    data = (message or "").encode("utf-8")[:max_bytes]
+    row = np.zeros(max_bytes + 1, np.int32)
+    row[0] = message is not None
+    row[1:1 + len(data)] = np.frombuffer(data, np.uint8)
+    rows = allgather_ints(row)
+    for r in rows:
+        if r[0]:
+            body = r[1:].astype(np.uint8).tobytes().rstrip(b"\0")
+            return body.decode("utf-8", errors="ignore")
+    return None
+
+
 def barrier(name: str) -> None:
     if jax.process_count() > 1:
         from jax.experimental import multihost_utils
@@ -119,4 +135,4 @@ def barrier(name: str) -> None:
         multihost_utils.sync_global_devices(name)
 
 
-__all__ = ["ShardedEncoder", "init_distributed", "place_state", "allgather_ints", "barrier"]
+__all__ = ["ShardedEncoder", "init_distributed", "place_state", "allgather_ints", "agree_error", "barrier"]
