@@ -356,13 +356,13 @@ def test_job_stages_run_on_their_own(tiny_folder, corpus, reference, tmp_path):
                                  title_field="title", **FAST))
     stats, names = job.JobStats(), []
     for u in job.my_units(ctx, names):
-        prep = job.prepare(ctx, u)
-        assert sorted(np.concatenate([b.index for b in prep.plan]).tolist()) == list(range(len(u.records)))
-        assert job.schedule(ctx, prep.plan) == prep.plan  # one process: no fillers
-        raw = job.step(ctx, prep, stats)
+        rnd = job.plan_round(ctx, u, True, job.tokenize_unit(ctx, u))
+        assert sorted(np.concatenate([b.index for b in rnd.plan]).tolist()) == list(range(len(u.records)))
+        assert all(job.host_share(b, 0, 1).tolist() == b.index.tolist() for b in rnd.plan)  # one host: all rows
+        raw = job.step(ctx, rnd, stats)
         assert raw.shape == (len(u.records), ctx.model.dimensions)
-        job.write(ctx, prep, raw, stats)
-        assert job.prepare(ctx, u) is None  # the shard is done now
+        job.write(ctx, rnd, raw, stats)
+        assert shards.check_shard(ctx.out, u.name) is None  # the shard is done now
     summary = job.finalize(ctx, stats, names, 1.0)
     assert summary["records"] == stats.records == 60 and summary["units_done"] == 4
     assert output_files(out) == output_files(reference[0])
@@ -434,3 +434,78 @@ def test_bad_record_on_one_host_stops_both_with_its_message(tiny_folder, cache, 
     msgs = [err.strip().splitlines()[-1] for _, err in results]
     assert [q.returncode for q in procs] == [1, 1], msgs
     assert msgs[0] == msgs[1] and f"{p}:20:" in msgs[0] and "--on-bad-record skip" in msgs[0]
+
+
+# ------------------------------------------------------------------------------------------ multi-host plans (issue 17)
+def test_simulated_hosts_keep_one_hosts_padding_efficiency():
+    """The job's round planner for 4 and 16 hosts (v5litepod-16, -64) on a generated long-tailed corpus
+    (log-normal lengths, median ~35 tokens, p99 ~300) against one v5litepod-8 host: within 5 points."""
+    from embeddinggemma_jax.batch.plan import job_planner, simulate
+
+    rng = np.random.default_rng(0)
+    n, unit = 200_000, 8192
+    lens = np.clip(np.exp(rng.normal(np.log(30), 1.0, n)).astype(int) + 6, 8, 2048).tolist()
+    units = [(k, lens[k * unit:(k + 1) * unit]) for k in range((n + unit - 1) // unit)]
+    effs = {}
+    for topo, hosts in [("v5litepod-8", 1), ("v5litepod-16", 4), ("v5litepod-64", 16)]:
+        r = simulate(units, hosts, job_planner(topo, None, None, True, 2048, 0, hosts))
+        assert r["records"] == n and r["tokens"] == sum(lens)  # every record planned exactly once
+        effs[hosts] = r["padding_efficiency"]
+    print("padding efficiency by hosts:", effs)
+    assert effs[4] >= effs[1] - 0.05 and effs[16] >= effs[1] - 0.05
+
+
+def test_plan_only_predicts_the_run_without_weights(tiny_folder, corpus, reference, tmp_path, capsys):
+    from embeddinggemma_jax.cli import main
+
+    folder = tmp_path / "no-weights"
+    import shutil
+
+    shutil.copytree(tiny_folder, folder)
+    (folder / "model.safetensors").unlink()  # --plan-only reads configs and the tokenizer only
+    assert main(["embed", "--plan-only", "--json", "--model", str(folder), "--input", str(corpus), "--id-field", "id",
+                 "--title-field", "title", *FAST_ARGS]) == 0
+    r = json.loads(capsys.readouterr().out)
+    counts = reference[1]["manifest_counts"]
+    assert (r["records"], r["tokens"], r["padded_tokens"]) == (counts["records"], counts["tokens"],
+                                                               counts["padded_tokens"])
+    assert r["batches"] == reference[1]["batches"] and r["compiled_shapes"] == reference[1]["compiled_shapes"]
+    assert main(["embed", "--plan-only", "--model", str(folder), "--input", str(corpus), "--id-field", "id",
+                 "--title-field", "title", *FAST_ARGS, "--simulate-hosts", "2"]) == 0
+    assert "as 2 host(s)" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_two_processes_sigkill_then_rerun_is_identical(tiny_folder, cache, tmp_path):
+    """Two processes killed with SIGKILL after some shards, rerun: every byte equals an uninterrupted
+    two-process run."""
+    corpus = write_corpus(tmp_path / "c.jsonl", n=120, seed=5)
+
+    def start(out):
+        port = _free_port()
+        return [subprocess.Popen(cli("embed", "--model", tiny_folder, "--input", corpus, "--output", out,
+                                     "--id-field", "id", *FAST_ARGS, "--coordinator", f"127.0.0.1:{port}",
+                                     "--num-processes", 2, "--process-id", i),
+                                 env=env_for(1, cache), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                for i in range(2)]
+
+    def finish(procs):
+        errs = [q.communicate(timeout=300)[1] for q in procs]
+        assert [q.returncode for q in procs] == [0, 0], errs[0][-2000:]
+
+    finish(start(tmp_path / "ref"))
+    expected = output_files(tmp_path / "ref")
+    out = tmp_path / "killed"
+    procs = start(out)
+    deadline = time.time() + 240
+    while time.time() < deadline and all(q.poll() is None for q in procs):
+        if (out / "shards").exists() and len(list((out / "shards").glob("*[0-9].json"))) >= 3:
+            break
+        time.sleep(0.002)
+    for q in procs:
+        q.send_signal(signal.SIGKILL)
+        q.wait(timeout=60)
+    assert [q.returncode for q in procs] == [-signal.SIGKILL] * 2, "the run ended before the kill point"
+    assert not (out / "manifest.json").exists()
+    finish(start(out))
+    assert output_files(out) == expected

@@ -6,7 +6,7 @@ import json
 import sys
 
 from embeddinggemma_jax import options
-from embeddinggemma_jax.batch.job import EmbedOptions
+from embeddinggemma_jax.batch.job import EmbedOptions, JobError
 
 EMBED_HELP = "embed a corpus into sharded .npy files (resumable, multi-host)"
 EMBED_DESCRIPTION = ("Stream the inputs, embed every record on all devices (and all hosts with --multihost), write "
@@ -32,7 +32,16 @@ def cmd_embed(args) -> int:
 
     from embeddinggemma_jax.batch.job import format_summary, run_embed
 
-    s = run_embed(options.build(EmbedOptions, args))
+    o = options.build(EmbedOptions, args)
+    if o.plan_only:
+        from embeddinggemma_jax.batch.plan import format_plan, plan_only
+
+        if o.simulate_hosts is not None and o.simulate_hosts < 1:
+            raise JobError(f"--simulate-hosts must be >= 1, got {o.simulate_hosts}")
+        r = plan_only(o, o.simulate_hosts)
+        print(json.dumps(r) if args.json else format_plan(r))
+        return 0
+    s = run_embed(o)
     if jax.process_index() == 0:
         print(json.dumps(s) if args.json else format_summary(s), file=sys.stdout if args.json else sys.stderr)
     return 0

@@ -4,8 +4,8 @@ Named stages, each a function of the ``JobContext`` that ``setup`` builds once:
 
 - ``setup``: validate options, start the processes, load the model, build the planner and the sharded
   step, claim the output folder (job.json);
-- ``prepare``: one unit's records -> prompt + tokenise -> planned batches (``batching.BatchPlanner``);
-  ``schedule``: this host's batches in the global (lock-step) order;
+- ``tokenize_unit``: one unit's records -> prompt + tokenise; ``plan_round``: every host's records of the
+  round -> global batches (``batching.BatchPlanner``), ``host_share``: this host's rows of each;
 - ``step``: pad and run the batches through the sharded step (``batch.step``) -> raw embeddings;
 - ``write``: the unit's shard (``shards``), atomically;
 - ``finalize``: totals over hosts, manifest.json and errors.jsonl.
@@ -13,10 +13,15 @@ Named stages, each a function of the ``JobContext`` that ``setup`` builds once:
 ``run_embed`` strings them together over this host's units (``my_units``: unit ``(f, k)`` belongs to
 host ``(f + k) % processes``); counters live in a ``JobStats``.
 
-Multi-host lock-step: every jitted call is a collective over all hosts, so in each round (one
-unit per host) the hosts exchange how many batches each has per bucket and all run the maximum,
-a host with fewer feeding all-padding batches. Batch shapes depend only on the bucket, so a
-record's embedding never depends on what the other hosts were doing.
+Multi-host rounds: every jitted call is a collective over all hosts, so the hosts work in rounds of one
+unit each. A round's records (token ids, gathered from every host) are planned together into global
+batches of P times a host's rows; host h computes rows h, h+P, ... of each batch (longest first, so every
+host's share has the same row count and nearly the same lengths), and the rows' embeddings are gathered
+back to the unit's host, which writes its shard. Every global batch is as full as one host's would be
+with the round's records, whatever the host count; shrinking works since all hosts run the same plan.
+Memory: one round (one unit per host) of token ids. A round in which some host has a shard left is
+planned in full (done units are re-tokenised, not written), so a record meets the same batch shape as in
+an uninterrupted run.
 
 Determinism for resume: units, batches and shapes are pure functions of the input, so a rerun
 (after a crash, ``kill -9``, preemption) skips done shards and rebuilds the rest bit for bit.
@@ -86,7 +91,7 @@ class EmbedOptions:
 
     inputs: tuple[str, ...] = option(None, "input files, local or gs:// (globs allowed)", flag="--input", nargs="+",
                                      metavar="PATH", required=True)
-    output: str = option(None, "output folder (shared by all hosts)", metavar="DIR", required=True)
+    output: str | None = option(None, "output folder (shared by all hosts; not needed with --plan-only)", metavar="DIR")
     model: str = option(DEFAULT_MODEL, "model folder, Orbax checkpoint or hub id")
     format: str | None = option(None, "input format (default: from the file extension)", choices=list(FORMATS))
     text_field: str = option("text", "jsonl/parquet field with the text")
@@ -112,6 +117,10 @@ class EmbedOptions:
     coordinator: str | None = option(None, "HOST:PORT of process 0, for clusters without auto-detection")
     num_processes: int | None = option(None, "number of processes (with --coordinator)")
     process_id: int | None = option(None, "this process's index (with --coordinator)")
+    plan_only: bool = option(False, "read, tokenise and plan the input, print the cost (batches, shapes, padding "
+                                    "efficiency); loads no weights, compiles nothing, writes nothing")
+    simulate_hosts: int | None = option(None, "with --plan-only: plan as this many hosts would (default: the "
+                                              "topology's hosts, else 1)")
 
     def __post_init__(self):
         if self.prompt_name == "":
@@ -193,13 +202,14 @@ class JobContext:
 
 
 @dataclass
-class Prepared:
-    """A unit's records tokenised and cut into batches (``plan``); ``None`` stands for a done shard."""
+class Round:
+    """One unit per host, planned together (``plan_round``)."""
 
-    unit: Unit
-    tokens: list
-    lengths: list[int]
-    plan: list[PlannedBatch]
+    unit: Unit | None  # this host's unit (None: this host has no unit left)
+    write: bool  # this host's shard is not done yet
+    tokens: list  # every host's records of the round, host after host
+    starts: list[int]  # host h's records are tokens[starts[h]:starts[h + 1]]
+    plan: list[PlannedBatch]  # the global batches; host h computes host_share(b, h, processes)
 
 
 def setup(o: EmbedOptions) -> JobContext:
@@ -211,6 +221,8 @@ def setup(o: EmbedOptions) -> JobContext:
         raise JobError(f"--unit-size must be >= 1, got {o.unit_size}")
     if not o.inputs:
         raise JobError("no --input given; pass one or more files")
+    if not o.output:
+        raise JobError("no --output given; pass the output folder (or --plan-only to only plan the job)")
     if o.multihost or o.coordinator:
         from embeddinggemma_jax.batch.step import init_distributed
 
@@ -251,8 +263,9 @@ def setup(o: EmbedOptions) -> JobContext:
     enc = ShardedEncoder(model, mesh, rules)
     per_dev = _rows_table(topo, buckets, o.tokens_per_device)
     local_rows = {L: r * enc.local_split for L, r in per_dev.items()}
-    planner = BatchPlanner(buckets, local_rows, model.tokenizer.pad_id, shrink="fine" if o.shrink and P == 1 else "none",
-                           row_multiple=enc.local_split)
+    # One planner for the round's global batches: every host runs the same plan, each with 1/P of a batch's rows.
+    planner = BatchPlanner(buckets, {L: r * P for L, r in local_rows.items()}, model.tokenizer.pad_id,
+                           shrink="fine" if o.shrink else "none", row_multiple=enc.local_split * P)
 
     options = dict(spec.options(), prompt_name=o.prompt_name, prompt=prompt, dimensions=dims, dtype=dtype,
                    topology=o.topology, mesh=list(mesh_shape), rows_per_device={str(k): v for k, v in per_dev.items()},
@@ -306,10 +319,9 @@ def _claim_output(out, name: str, job: dict, me: int) -> None:
     barrier("embed-start")
 
 
-def prepare(ctx: JobContext, u: Unit) -> Prepared | None:
-    """Tokenise a unit and plan its batches; None when its shard is already done."""
-    if shards.check_shard(ctx.out, u.name) is None:
-        return None
+def tokenize_unit(ctx: JobContext, u: Unit) -> list:
+    """A unit's records with the prompt applied, tokenised (truncated to the model's limit); a bad record
+    with ``--on-bad-record fail`` is a BadRecordError naming its file and line."""
     if u.bad and ctx.options.on_bad_record == "fail":
         b = u.bad[0]
         raise BadRecordError(f"{u.path}:{b.line}: {b.error}; fix the record or pass --on-bad-record skip")
@@ -317,66 +329,83 @@ def prepare(ctx: JobContext, u: Unit) -> Prepared | None:
 
     texts = [(DOCUMENT_TEMPLATE.format(title=r.title or "none") if ctx.options.title_field else ctx.prompt) + r.text
              for r in u.records]
-    toks = ctx.model.tokenizer.encode(texts, truncate=True) if texts else []
-    lens = [len(t) for t in toks]
-    return Prepared(u, toks, lens, ctx.planner.plan(lens))
+    return ctx.model.tokenizer.encode(texts, truncate=True) if texts else []
 
 
-def schedule(ctx: JobContext, plan: list[PlannedBatch]) -> list[PlannedBatch | tuple[int, int]]:
-    """This host's batches in the global order; (rows, L) entries are all-padding fillers. On several
-    hosts every jitted call is a collective, so per bucket all hosts run the largest host's count."""
+def plan_round(ctx: JobContext, unit: Unit | None, write: bool, tokens: list) -> Round:
+    """Gather every host's records of this round (host after host) and plan them together: every host
+    computes the same global batches, each ``processes`` times a host's rows."""
+    from embeddinggemma_jax.batch.step import allgather_ragged
+
     if ctx.processes == 1:
-        return list(plan)
-    from embeddinggemma_jax.batch.step import allgather_ints
-
-    buckets = ctx.buckets
-    counts = np.zeros(len(buckets), np.int64)
-    for b in plan:
-        counts[buckets.index(b.length)] += 1
-    steps = allgather_ints(counts).max(axis=0)
-    mine: dict[int, list[PlannedBatch]] = {}
-    for b in plan:
-        mine.setdefault(b.length, []).append(b)
-    seq = []
-    for j in reversed(range(len(buckets))):
-        L = buckets[j]
-        got = mine.get(L, [])
-        seq += got + [(ctx.local_rows[L], L)] * int(steps[j] - len(got))
-    return seq
+        every = list(tokens)
+        starts = [0, len(every)]
+    else:
+        lens = allgather_ragged([len(t) for t in tokens])
+        flat = allgather_ragged(np.concatenate([np.asarray(t, np.int32) for t in tokens]) if tokens else [])
+        every, starts = [], [0]
+        for h_lens, h_flat in zip(lens, flat):
+            cut = np.cumsum(np.concatenate([[0], h_lens]))
+            every += [h_flat[cut[i]:cut[i + 1]] for i in range(len(h_lens))]
+            starts.append(len(every))
+    return Round(unit, write, every, starts, ctx.planner.plan([len(t) for t in every]))
 
 
-def step(ctx: JobContext, prep: Prepared | None, stats: JobStats) -> np.ndarray | None:
-    """Run this host's share of one round through the sharded step; the unit's raw embeddings
-    [records, model dims] in input order, or None when this host only fed fillers."""
-    toks, plan = (prep.tokens, prep.plan) if prep is not None else ([], [])
+def host_share(b: PlannedBatch, host: int, processes: int) -> np.ndarray:
+    """The records of a global batch that ``host`` computes: every ``processes``-th row of the batch,
+    longest first, so each host's share has the same row count and nearly the same lengths."""
+    return b.index[host::processes]
+
+
+def step(ctx: JobContext, rnd: Round, stats: JobStats) -> np.ndarray | None:
+    """Pad this host's share of every batch of the round, run the sharded step, and collect the raw
+    embeddings [records, model dims] of this host's unit (None when its shard is already done)."""
+    from embeddinggemma_jax.batch.step import allgather_rows
+    from embeddinggemma_jax.batching import pad_rows
+
+    P, me = ctx.processes, ctx.process_index
     pending = []
-    for b in schedule(ctx, plan):
-        if isinstance(b, PlannedBatch):
-            batch = ctx.planner.pad(toks, b)
-            ids, mask = batch.ids, batch.mask
-        else:
-            ids, mask = np.zeros(b, np.int32), np.zeros(b, np.int32)
+    for b in rnd.plan:
+        ids, mask = pad_rows(rnd.tokens, host_share(b, me, P), (b.rows // P, b.length), ctx.planner.pad_id)
         pending.append((b, ctx.encoder(ids, mask)))
         stats.batches += 1
         stats.padded_tokens += ids.size
-    if prep is None:
-        return None
-    raw = np.zeros((len(toks), ctx.model.dimensions), np.float32)
+    lo, hi = rnd.starts[me], rnd.starts[me + 1]
+    raw = np.zeros((hi - lo, ctx.model.dimensions), np.float32) if rnd.write else None
     for b, y in pending:
-        if isinstance(b, PlannedBatch):
-            raw[b.index] = ctx.encoder.local_rows(y)[:len(b.index)]
+        local = ctx.encoder.local_rows(y)
+        parts = local[None] if P == 1 else allgather_rows(local)  # [hosts, rows per host, dims]
+        if raw is None:
+            continue
+        for g in range(P):
+            idx = host_share(b, g, P)
+            sel = (idx >= lo) & (idx < hi)
+            raw[idx[sel] - lo] = parts[g, :len(idx)][sel]
     return raw
 
 
-def write(ctx: JobContext, prep: Prepared, raw: np.ndarray, stats: JobStats) -> None:
-    """Truncate/normalise to the requested dimensions and write the unit's shard atomically."""
+def unit_padded_tokens(rnd: Round, host: int) -> int:
+    """The padded tokens a unit is charged: a row per record at its batch's length, and a batch's empty rows
+    to the unit of its first (longest) record; over all units this sums to the round's padded tokens."""
+    lo, hi = rnd.starts[host], rnd.starts[host + 1]
+    n = 0
+    for b in rnd.plan:
+        n += int(((b.index >= lo) & (b.index < hi)).sum()) * b.length
+        if lo <= b.index[0] < hi:
+            n += (b.rows - len(b.index)) * b.length
+    return n
+
+
+def write(ctx: JobContext, rnd: Round, raw: np.ndarray, stats: JobStats) -> None:
+    """Truncate/normalise to the requested dimensions and write this host's unit's shard atomically."""
     from embeddinggemma_jax.head import apply_dimensions
 
-    u, lens = prep.unit, prep.lengths
+    u, me = rnd.unit, ctx.process_index
+    lens = [len(t) for t in rnd.tokens[rnd.starts[me]:rnd.starts[me + 1]]]
     emb = apply_dimensions(raw, ctx.dims, True).astype(np.float32)
     meta = {"file": u.path, "file_index": u.file_index, "unit": u.unit_index, "first_line": u.first_line,
             "last_line": u.last_line, "blank": u.blank, "tokens": int(sum(lens)),
-            "padded_tokens": int(sum(b.rows * b.length for b in prep.plan)),
+            "padded_tokens": unit_padded_tokens(rnd, me),
             "bad": [b.to_json(u.path) for b in u.bad]}
     shards.write_shard(ctx.out, u.name, emb, [r.id for r in u.records], meta)
     stats.records += len(lens)
@@ -456,35 +485,32 @@ def run_embed(o: EmbedOptions) -> dict:
     mine = my_units(ctx, unit_names)
     while True:
         u = next(mine, None)
-        error = None
+        done = u is None or shards.check_shard(ctx.out, u.name) is None
+        flags = allgather_ints([u is None, done])
+        if flags[:, 0].all():
+            break
+        if flags[:, 1].all():  # nothing to do in this round on any host
+            stats.units_skipped += u is not None
+            progress.tick(u)
+            continue
+        # Some host must compute this round: every host tokenises its unit, done or not, so the round's
+        # plan (and every record's batch shape) is the one an uninterrupted run used.
+        error, tokens = None, []
         try:
-            prep = prepare(ctx, u) if u is not None else None
+            tokens = tokenize_unit(ctx, u) if u is not None else []
         except BadRecordError as e:
             if P == 1:
                 raise
-            error, prep = str(e), None
-        if u is not None and prep is None and error is None:
+            error = str(e)
+        if P > 1 and allgather_ints([error is not None])[:, 0].any():
+            progress.close()
+            raise BadRecordError(agree_error(error))  # every host stops with the same message
+        rnd = plan_round(ctx, u, not done, tokens)
+        raw = step(ctx, rnd, stats)
+        if rnd.write:
+            write(ctx, rnd, raw, stats)
+        elif u is not None:
             stats.units_skipped += 1
-        if P > 1:
-            # every host must agree on whether another round runs (all collectives are lock-step), and a
-            # bad record on one host stops every host with its message
-            flags = allgather_ints([u is None, prep is None, error is not None])
-            if flags[:, 2].any():
-                progress.close()
-                raise BadRecordError(agree_error(error))
-            if flags[:, 0].all():
-                break
-            if flags[:, 1].all():
-                progress.tick(u)
-                continue
-        elif u is None:
-            break
-        elif prep is None:
-            progress.tick(u)
-            continue
-        raw = step(ctx, prep, stats)
-        if prep is not None:
-            write(ctx, prep, raw, stats)
         progress.tick(u)
     progress.close()
     return finalize(ctx, stats, unit_names, time.perf_counter() - t_loop)
@@ -661,6 +687,7 @@ def verify(out_dir: str, inputs: Sequence[str] | None = None, check_values: bool
     return {"records": n_records, "bad_records": n_bad, "shards": len(expected_files) // 3, "duplicate_ids": dups}
 
 
-__all__ = ["EmbedOptions", "JobContext", "JobStats", "Prepared", "setup", "prepare", "schedule", "step", "write",
+__all__ = ["EmbedOptions", "JobContext", "JobStats", "Round", "setup", "tokenize_unit", "plan_round", "host_share",
+           "step", "write", "unit_padded_tokens",
            "finalize", "my_units", "run_embed", "verify", "write_manifest", "format_summary", "model_hash",
            "JobError", "VerifyError", "MANIFEST", "ERRORS"]

@@ -112,6 +112,30 @@ def allgather_ints(values) -> np.ndarray:
     return np.asarray(multihost_utils.process_allgather(v)).reshape(jax.process_count(), -1)
 
 
+def allgather_rows(x: np.ndarray) -> np.ndarray:
+    """[processes, *x.shape]: every process's ``x`` (same shape and dtype everywhere)."""
+    if jax.process_count() == 1:
+        return np.asarray(x)[None]
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(np.asarray(x)))
+
+
+def allgather_ragged(values) -> list[np.ndarray]:
+    """Every process's 1-D int32 ``values`` (lengths may differ): two collectives (sizes, then the
+    values padded to the longest)."""
+    v = np.asarray(values, np.int32).ravel()
+    if jax.process_count() == 1:
+        return [v]
+    sizes = allgather_ints([v.size])[:, 0]
+    if sizes.max() == 0:
+        return [np.zeros(0, np.int32) for _ in sizes]
+    padded = np.zeros(int(sizes.max()), np.int32)
+    padded[:v.size] = v
+    rows = allgather_ints(padded)
+    return [rows[h, :int(n)] for h, n in enumerate(sizes)]
+
+
 def agree_error(message: str | None, max_bytes: int = 2048) -> str | None:
     """Every host calls this with its error message (or None); all get back the same answer: the
     message of the lowest-numbered host that has one, or None when no host has. One collective, so a
@@ -135,4 +159,5 @@ def barrier(name: str) -> None:
         multihost_utils.sync_global_devices(name)
 
 
-__all__ = ["ShardedEncoder", "init_distributed", "place_state", "allgather_ints", "agree_error", "barrier"]
+__all__ = ["ShardedEncoder", "init_distributed", "place_state", "allgather_ints", "allgather_rows", "allgather_ragged",
+           "agree_error", "barrier"]
