@@ -509,3 +509,25 @@ def test_two_processes_sigkill_then_rerun_is_identical(tiny_folder, cache, tmp_p
     assert not (out / "manifest.json").exists()
     finish(start(out))
     assert output_files(out) == expected
+
+
+def test_host_work_overlaps_the_device_step(tiny_folder, tmp_path, monkeypatch):
+    """Tokenising (the reader thread) and the device step each made 0.5 s slower per unit: the run
+    grows by about max(host, device) = 8 x 0.5 s, not by their sum (8 s)."""
+    from embeddinggemma_jax.batch import job
+
+    corpus = write_corpus(tmp_path / "c.jsonl", n=128, seed=2)  # 8 units of 16
+
+    def run(name):
+        return run_embed(EmbedOptions(model=str(tiny_folder), inputs=[str(corpus)], output=str(tmp_path / name),
+                                      id_field="id", **FAST))
+
+    base = run("base")
+    slow_tok, slow_step = job.tokenize_unit, job.step
+    monkeypatch.setattr(job, "tokenize_unit", lambda ctx, u: (time.sleep(0.5), slow_tok(ctx, u))[1])
+    monkeypatch.setattr(job, "step", lambda ctx, rnd, stats: (time.sleep(0.5), slow_step(ctx, rnd, stats))[1])
+    slow = run("slow")
+    extra = slow["wall_seconds"] - base["wall_seconds"]
+    print(f"wall {base['wall_seconds']:.2f} s -> {slow['wall_seconds']:.2f} s with 4 s host + 4 s device added")
+    assert slow["wall_seconds"] >= 4.0 and extra <= 6.0, extra  # serial would add 8 s
+    assert output_files(tmp_path / "slow") == output_files(tmp_path / "base")

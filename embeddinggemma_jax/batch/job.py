@@ -10,6 +10,9 @@ Named stages, each a function of the ``JobContext`` that ``setup`` builds once:
 - ``write``: the unit's shard (``shards``), atomically;
 - ``finalize``: totals over hosts, manifest.json and errors.jsonl.
 
+Threads: a reader thread reads and tokenises the next unit (``read_ahead``) and a writer thread writes
+shards while the main thread plans and runs the device step, so host work overlaps the device.
+
 ``run_embed`` strings them together over this host's units (``my_units``: unit ``(f, k)`` belongs to
 host ``(f + k) % processes``); counters live in a ``JobStats``.
 
@@ -461,6 +464,7 @@ class _Progress:
         if self.bar is not None:
             self.bar.n = self.total
             self.bar.close()
+            self.bar = None
 
 
 def my_units(ctx: JobContext, unit_names: list[str]):
@@ -472,47 +476,85 @@ def my_units(ctx: JobContext, unit_names: list[str]):
             yield u
 
 
+@dataclass
+class _Ahead:
+    """A unit read and tokenised ahead by the reader thread (``tokens`` None: its shard is done)."""
+
+    unit: Unit | None
+    done: bool
+    tokens: list | None = None
+    error: str | None = None
+
+
+def read_ahead(ctx: JobContext, units) -> _Ahead:
+    """The reader thread's work for one unit: read it, check its shard, tokenise it when not done."""
+    u = next(units, None)
+    if u is None:
+        return _Ahead(None, True, [])
+    if shards.check_shard(ctx.out, u.name) is None:
+        return _Ahead(u, True)
+    try:
+        return _Ahead(u, False, tokenize_unit(ctx, u))
+    except BadRecordError as e:
+        return _Ahead(u, False, error=str(e))
+
+
 def run_embed(o: EmbedOptions) -> dict:
-    """setup -> per round (one unit per host): prepare (tokenise, plan) -> step -> write -> finalize."""
+    """setup -> per round (one unit per host): tokenise -> plan -> step -> write -> finalize.
+
+    Host work overlaps the device step: a reader thread reads and tokenises the next unit while the
+    current round runs, and a writer thread writes finished shards (at most two pending)."""
+    from concurrent.futures import ThreadPoolExecutor
+
     from embeddinggemma_jax.batch.step import agree_error, allgather_ints
 
     ctx = setup(o)
-    P, me = ctx.processes, ctx.process_index
+    P = ctx.processes
     stats = JobStats()
     progress = _Progress(ctx, stats)
     t_loop = time.perf_counter()
     unit_names: list[str] = []
     mine = my_units(ctx, unit_names)
-    while True:
-        u = next(mine, None)
-        done = u is None or shards.check_shard(ctx.out, u.name) is None
-        flags = allgather_ints([u is None, done])
-        if flags[:, 0].all():
-            break
-        if flags[:, 1].all():  # nothing to do in this round on any host
-            stats.units_skipped += u is not None
+    reader = ThreadPoolExecutor(1, thread_name_prefix="embed-read")
+    writer = ThreadPoolExecutor(1, thread_name_prefix="embed-write")
+    writes: list = []
+    ahead = reader.submit(read_ahead, ctx, mine)
+    try:
+        while True:
+            nx = ahead.result() if ahead is not None else _Ahead(None, True, [])
+            ahead = reader.submit(read_ahead, ctx, mine) if nx.unit is not None else None
+            u, done = nx.unit, nx.done
+            flags = allgather_ints([u is None, done])
+            if flags[:, 0].all():
+                break
+            if flags[:, 1].all():  # nothing to do in this round on any host
+                stats.units_skipped += u is not None
+                progress.tick(u)
+                continue
+            # Some host must compute this round: every host tokenises its unit, done or not, so the round's
+            # plan (and every record's batch shape) is the one an uninterrupted run used.
+            tokens, error = nx.tokens, nx.error
+            if tokens is None and error is None:
+                tokens = tokenize_unit(ctx, u)  # a done unit passed its bad-record check when it was written
+            if error is not None and P == 1:
+                raise BadRecordError(error)
+            if P > 1 and allgather_ints([error is not None])[:, 0].any():
+                raise BadRecordError(agree_error(error))  # every host stops with the same message
+            rnd = plan_round(ctx, u, not done, tokens or [])
+            raw = step(ctx, rnd, stats)
+            if rnd.write:
+                writes.append(writer.submit(write, ctx, rnd, raw, stats))
+                while len(writes) > 2:
+                    writes.pop(0).result()
+            elif u is not None:
+                stats.units_skipped += 1
             progress.tick(u)
-            continue
-        # Some host must compute this round: every host tokenises its unit, done or not, so the round's
-        # plan (and every record's batch shape) is the one an uninterrupted run used.
-        error, tokens = None, []
-        try:
-            tokens = tokenize_unit(ctx, u) if u is not None else []
-        except BadRecordError as e:
-            if P == 1:
-                raise
-            error = str(e)
-        if P > 1 and allgather_ints([error is not None])[:, 0].any():
-            progress.close()
-            raise BadRecordError(agree_error(error))  # every host stops with the same message
-        rnd = plan_round(ctx, u, not done, tokens)
-        raw = step(ctx, rnd, stats)
-        if rnd.write:
-            write(ctx, rnd, raw, stats)
-        elif u is not None:
-            stats.units_skipped += 1
-        progress.tick(u)
-    progress.close()
+        for f in writes:
+            f.result()
+    finally:
+        progress.close()
+        reader.shutdown(wait=True, cancel_futures=True)
+        writer.shutdown(wait=True)
     return finalize(ctx, stats, unit_names, time.perf_counter() - t_loop)
 
 
@@ -688,6 +730,6 @@ def verify(out_dir: str, inputs: Sequence[str] | None = None, check_values: bool
 
 
 __all__ = ["EmbedOptions", "JobContext", "JobStats", "Round", "setup", "tokenize_unit", "plan_round", "host_share",
-           "step", "write", "unit_padded_tokens",
+           "step", "write", "unit_padded_tokens", "read_ahead",
            "finalize", "my_units", "run_embed", "verify", "write_manifest", "format_summary", "model_hash",
            "JobError", "VerifyError", "MANIFEST", "ERRORS"]
