@@ -145,7 +145,8 @@ def model_hash(folder) -> str:
     return h.hexdigest()
 
 
-def _rows_table(topo, buckets, tokens_per_device):
+def rows_table(topo, buckets, tokens_per_device) -> dict[int, int]:
+    """Rows per device for each bucket: the topology's table, else the token budget / length (TPU-rounded)."""
     table = dict(topo.rows_per_chip) if topo is not None and tokens_per_device is None else {}
     budget = tokens_per_device or (topo.tokens_per_chip if topo is not None else 16384)
     return {L: int(table.get(L) or round_rows(max(1, budget // L))) for L in buckets}
@@ -264,7 +265,7 @@ def setup(o: EmbedOptions) -> JobContext:
     buckets = buckets_for(model.head_config.max_seq_length, o.buckets or (topo.buckets if topo else JOB_LENGTH_BUCKETS))
     mesh = make_mesh(mesh_shape)
     enc = ShardedEncoder(model, mesh, rules)
-    per_dev = _rows_table(topo, buckets, o.tokens_per_device)
+    per_dev = rows_table(topo, buckets, o.tokens_per_device)
     local_rows = {L: r * enc.local_split for L, r in per_dev.items()}
     # One planner for the round's global batches: every host runs the same plan, each with 1/P of a batch's rows.
     planner = BatchPlanner(buckets, {L: r * P for L, r in local_rows.items()}, model.tokenizer.pad_id,
