@@ -49,7 +49,8 @@ def run(args, out, processes):
                 raise SystemExit(e[-2000:])
             outs.append(o)
     wall = time.perf_counter() - t
-    return wall, json.loads(outs[0])
+    # gloo prints its connection lines on stdout too: the summary is the last JSON line
+    return wall, json.loads(next(line for line in reversed(outs[0].splitlines()) if line.startswith("{")))
 
 
 def main(argv=None):
