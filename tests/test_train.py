@@ -57,45 +57,42 @@ def _write_pairs(path: Path, n: int, seed: int = 0, negatives: bool = False, fie
 
 
 # ----------------------------------------------------------------------------- parity with PyTorch
-def test_loss_and_every_gradient_equal_sentence_transformers(tiny_folder):
+# Queries and documents longer than the tiny window (8), of different lengths (padding matters).
+PARITY_BATCH = TextBatch(
+    ["a b c", "hello", "x y z w", "why is the sky blue?"],
+    ["doc a", "doc hello there", "xyz", "rayleigh scattering of sunlight by the molecules of the air"],
+    ["nope", "no", "n", "the ocean is blue because it reflects the sky"])
+PARITY_WEIGHTS = (1.0, 0.5, 0.25, 2.0)
+
+
+def _torch_loss_and_grads(tiny_folder, b, make_loss):
+    """sentence-transformers' loss (``make_loss(model)``) and every parameter's gradient under PyTorch
+    autograd, on the token batch ``b`` (query, positive and negative columns)."""
     import torch
     from sentence_transformers import SentenceTransformer
-    from sentence_transformers.sentence_transformer.losses import MatryoshkaLoss, MultipleNegativesRankingLoss
 
-    from embeddinggemma_jax.train.run import load_base
-    from embeddinggemma_jax.weights import DENSE1_FILE, DENSE2_FILE, ENCODER_FILE, PARAM_TABLE
-
-    weights = (1.0, 0.5, 0.25, 2.0)
-    cfg = st.TrainConfig(matryoshka_dims=TINY_DIMS, matryoshka_weights=weights, dtype="float32", remat=True)
-    base, module = load_base(str(tiny_folder), cfg)
-    enc = base.encoder_config
-    t, params = st.make_trainable(module, cfg)
-    tok, head = _tokenizer(tiny_folder)
-    # Queries and documents longer than the tiny window (8), of different lengths (padding matters).
-    batch = TextBatch(
-        ["a b c", "hello", "x y z w", "why is the sky blue?"],
-        ["doc a", "doc hello there", "xyz", "rayleigh scattering of sunlight by the molecules of the air"],
-        ["nope", "no", "n", "the ocean is blue because it reflects the sky"])
-    b = BatchEncoder(tok, head.prompts, 128, (32, 64, 128)).encode([batch])
-    loss, grads = st.loss_and_grads(t, cfg, params, b, TINY_DIMS, weights)
+    from embeddinggemma_jax.weights import DENSE1_FILE, DENSE2_FILE, ENCODER_FILE
 
     model = SentenceTransformer(str(tiny_folder), device="cpu")
-    ref_loss = MatryoshkaLoss(model, MultipleNegativesRankingLoss(model), list(TINY_DIMS), list(weights))
-    B = len(batch.queries)
+    B = b.query_ids.shape[1]
 
     def features(ids, mask):
         return {"input_ids": torch.tensor(ids, dtype=torch.long), "attention_mask": torch.tensor(mask, dtype=torch.long)}
 
     cols = [features(b.query_ids[0], b.query_mask[0]), features(b.doc_ids[0, :B], b.doc_mask[0, :B]),
             features(b.doc_ids[0, B:], b.doc_mask[0, B:])]
-    torch_loss = ref_loss(cols, None)
+    torch_loss = make_loss(model)(cols, None)
     torch_loss.backward()
-    np.testing.assert_allclose(float(loss), torch_loss.item(), rtol=1e-4)
-
-    torch_grads = {}
+    grads = {}
     for file, mod in ((ENCODER_FILE, model[0].auto_model), (DENSE1_FILE, model[2]), (DENSE2_FILE, model[3])):
         for name, p in mod.named_parameters():
-            torch_grads[(file, name)] = p.grad.numpy()
+            grads[(file, name)] = p.grad.numpy()
+    return torch_loss.item(), grads
+
+
+def _assert_grads_equal(enc, grads, torch_grads):
+    from embeddinggemma_jax.weights import PARAM_TABLE
+
     compared = 0
     for spec in PARAM_TABLE:
         g = np.asarray(_get(grads, spec.path))
@@ -107,6 +104,55 @@ def test_loss_and_every_gradient_equal_sentence_transformers(tiny_folder):
             np.testing.assert_allclose(mine, ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max(), err_msg=key)
             compared += 1
     assert compared == len(torch_grads)  # every torch parameter had a JAX gradient compared with it
+
+
+def _jax_loss_and_grads(tiny_folder, **cfg_kw):
+    from embeddinggemma_jax.train.run import load_base
+
+    cfg = st.TrainConfig(matryoshka_dims=TINY_DIMS, matryoshka_weights=PARITY_WEIGHTS, dtype="float32", remat=True,
+                         **cfg_kw)
+    base, module = load_base(str(tiny_folder), cfg)
+    t, params = st.make_trainable(module, cfg)
+    tok, head = _tokenizer(tiny_folder)
+    b = BatchEncoder(tok, head.prompts, 128, (32, 64, 128)).encode([PARITY_BATCH])
+    loss, grads = st.loss_and_grads(t, cfg, params, b, TINY_DIMS, PARITY_WEIGHTS)
+    return base.encoder_config, b, loss, grads
+
+
+def test_loss_and_every_gradient_equal_sentence_transformers(tiny_folder):
+    from sentence_transformers.sentence_transformer.losses import MatryoshkaLoss, MultipleNegativesRankingLoss
+
+    enc, b, loss, grads = _jax_loss_and_grads(tiny_folder)
+    torch_loss, torch_grads = _torch_loss_and_grads(tiny_folder, b, lambda m: MatryoshkaLoss(
+        m, MultipleNegativesRankingLoss(m), list(TINY_DIMS), list(PARITY_WEIGHTS)))
+    np.testing.assert_allclose(float(loss), torch_loss, rtol=1e-4)
+    _assert_grads_equal(enc, grads, torch_grads)
+
+
+def test_cached_loss_equals_uncached_and_sentence_transformers_cached_mnrl(tiny_folder):
+    """GradCache with mini-batches of 2 (of 4 queries, 8 documents): the same loss and gradients as the
+    uncached loss over the whole batch (fp32, rtol 1e-5), and as sentence-transformers'
+    CachedMultipleNegativesRankingLoss inside MatryoshkaLoss with the same mini-batch size."""
+    from sentence_transformers.sentence_transformer.losses import CachedMultipleNegativesRankingLoss, MatryoshkaLoss
+
+    enc, b, loss, grads = _jax_loss_and_grads(tiny_folder, cached_loss=True, mini_batch_size=2)
+    _, _, plain_loss, plain_grads = _jax_loss_and_grads(tiny_folder)
+    np.testing.assert_allclose(float(loss), float(plain_loss), rtol=1e-5)
+    for path, g in jax.tree_util.tree_leaves_with_path(plain_grads):
+        mine = np.asarray(_get(grads, [p.key for p in path]))
+        g = np.asarray(g)
+        assert np.abs(g).max() > 0, path
+        # rtol 1e-5 elementwise; entries far below the tensor's scale compare at 1e-5 of that scale
+        np.testing.assert_allclose(mine, g, rtol=1e-5, atol=1e-5 * np.abs(g).max(), err_msg=str(path))
+    torch_loss, torch_grads = _torch_loss_and_grads(tiny_folder, b, lambda m: MatryoshkaLoss(
+        m, CachedMultipleNegativesRankingLoss(m, mini_batch_size=2), list(TINY_DIMS), list(PARITY_WEIGHTS)))
+    np.testing.assert_allclose(float(loss), torch_loss, rtol=1e-4)
+    _assert_grads_equal(enc, grads, torch_grads)
+
+
+def test_cached_loss_settings_are_checked():
+    with pytest.raises(ValueError, match="--cached-loss needs --mini-batch-size"):
+        st.TrainConfig(cached_loss=True)
 
 
 def _get(tree, path):
@@ -307,6 +353,27 @@ def test_fsdp_step_on_8_devices_matches_one_device(tmp_path):
     print(f"fsdp vs single-device parameters after 2 steps: max abs diff {worst:.2e} (lr {lr})")
     for k, v in single["params"].items():
         np.testing.assert_allclose(np.asarray(fsdp["params"][k]), np.asarray(v), rtol=0, atol=0.05 * lr, err_msg=k)
+
+
+@pytest.mark.slow
+def test_global_batch_loss_on_8_devices_equals_one_device(tmp_path):
+    """The contrastive batch is the global batch: 16 queries against all 32 documents, sharded over 8
+    devices (2 rows each), give the loss and gradients of the same batch on one device; so does the
+    cached loss with one row per device per mini-batch (a per-device loss would differ: 2 negatives)."""
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", PYTHONPATH=str(ROOT),
+               JAX_PLATFORMS="cpu")
+    r = subprocess.run([sys.executable, str(ROOT / "tests" / "train_global_batch_check.py"), str(tmp_path)], env=env,
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = json.loads((tmp_path / "out.json").read_text())
+    single = out["single"]
+    assert single["devices"] == 1 and out["data8"]["devices"] == 8
+    for name in ("data8", "data8_cached"):
+        np.testing.assert_allclose(out[name]["loss"], single["loss"], rtol=1e-5, err_msg=name)
+        for k, g in single["grads"].items():
+            g, mine = np.asarray(g), np.asarray(out[name]["grads"][k])
+            assert np.abs(g).max() > 0, k
+            np.testing.assert_allclose(mine, g, rtol=1e-5, atol=1e-5 * np.abs(g).max(), err_msg=f"{name} {k}")
 
 
 def test_tpu_training_configs_parse(tmp_path):

@@ -36,7 +36,7 @@ class RunConfig:
     output_dir: str = option(None, "run folder: checkpoints/, metrics.jsonl, final/", required=True)
     model: str = option(DEFAULT_MODEL, "base model folder or hub id")
     train: st.TrainConfig = field(default_factory=st.TrainConfig)
-    batch_size: int = option(16, "pairs per micro-batch (the in-batch negatives)")
+    batch_size: int = option(16, "pairs per global batch, over all devices and hosts (the contrastive batch)")
     max_length: int = option(256, "tokens per text, prompt included (truncated)")
     pad_to_max_length: bool = option(False, "one padded shape (one compilation) instead of length buckets")
     eval_file: str | None = option(None, "JSONL held-out pairs for retrieval metrics")
