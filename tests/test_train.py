@@ -390,8 +390,95 @@ def test_tpu_training_configs_parse(tmp_path):
         assert rc.train.dtype == "bfloat16" and rc.pad_to_max_length
         d = rc.train.mesh_shape
         assert d is None or rc.batch_size % (d[0] * d[1]) == 0
+        if rc.train.cached_loss:  # mini-batches divide the batch and split evenly over the chips
+            M = rc.train.mini_batch_size
+            assert rc.batch_size % M == 0 and M % (d[0] * d[1]) == 0, path
+        assert rc.distributed.multihost == (d is not None and d[0] * d[1] > 8), path  # > 8 chips: several hosts
     bad = tmp_path / "bad.json"
     bad.write_text('{"batchsize": 3}')
     args = build_parser().parse_args(["train", "--config", str(bad)])
     with pytest.raises(ValueError, match="unknown keys"):
         run_config(args)
+
+
+# ----------------------------------------------------------------------------- multi-host
+def _train_cmd(tiny_folder, train, out, *extra):
+    return [sys.executable, "-m", "embeddinggemma_jax.cli", "train", "--model", str(tiny_folder), "--train-file",
+            str(train), "--output-dir", str(out), "--steps", "4", "--dtype", "float32", "--lr", "1e-3",
+            "--matryoshka-dims", "40,16", "--batch-size", "8", "--max-length", "64", "--save-every", "2",
+            "--no-progress", "--no-export", "--adam-eps", "1e-6", *map(str, extra)]
+
+
+def _env(devices: int, cache: Path) -> dict:
+    return dict(os.environ, PYTHONPATH=str(ROOT), XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+                JAX_PLATFORMS="cpu", JAX_COMPILATION_CACHE_DIR=str(cache),
+                JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+
+
+def _two_processes(cmd, cache, until=None):
+    """Run ``cmd`` as processes 0 and 1 of a gloo job (one CPU device each); with ``until`` (a path),
+    kill -9 both as soon as it exists. Returns the processes' stderr."""
+    import socket
+    import time
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    procs = [subprocess.Popen(cmd + ["--coordinator", f"127.0.0.1:{port}", "--num-processes", "2", "--process-id",
+                                     str(i)], env=_env(1, cache), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True) for i in range(2)]
+    try:
+        if until is not None:
+            deadline = time.time() + 600
+            while not until.exists() and time.time() < deadline and all(p.poll() is None for p in procs):
+                time.sleep(0.05)
+            assert until.exists(), procs[0].communicate()[1][-3000:]
+            for p in procs:
+                p.kill()  # SIGKILL
+            return [p.communicate()[1] for p in procs]
+        errs = [p.communicate(timeout=600)[1] for p in procs]
+        for p, e in zip(procs, errs):
+            assert p.returncode == 0, e[-3000:]
+        return errs
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+
+
+def _losses(out: Path) -> list[tuple[int, float, float]]:
+    recs = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    return [(r["step"], r["loss"], r["grad_norm"]) for r in recs if "loss" in r]
+
+
+@pytest.mark.slow
+def test_two_processes_equal_one_and_survive_kill_9_and_restore_on_another_mesh(tiny_folder, tmp_path):
+    """Two gloo processes (one device each) train the global batch of the one-process run (two devices):
+    same loss and gradient norm at every step; both killed with SIGKILL after their first checkpoint and
+    rerun, they finish with each step logged once and the same numbers; a checkpoint the two processes
+    wrote together resumes in one process on one device (another host count and mesh)."""
+    cache = tmp_path / "cache"
+    train = _write_pairs(tmp_path / "train.jsonl", 40, seed=4, negatives=True)
+    one = tmp_path / "one"
+    r = subprocess.run(_train_cmd(tiny_folder, train, one), env=_env(2, cache), capture_output=True, text=True,
+                       timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    ref = _losses(one)
+    assert [s for s, _, _ in ref] == [1, 2, 3, 4]
+
+    two = tmp_path / "two"
+    _two_processes(_train_cmd(tiny_folder, train, two), cache, until=two / "checkpoints" / "2")
+    _two_processes(_train_cmd(tiny_folder, train, two), cache)
+    got = _losses(two)
+    assert [s for s, _, _ in got] == [1, 2, 3, 4]  # each step once, though steps after 2 may have run twice
+    np.testing.assert_allclose(np.asarray(got)[:, 1:], np.asarray(ref)[:, 1:], rtol=1e-5)
+
+    moved = tmp_path / "moved"
+    _two_processes(_train_cmd(tiny_folder, train, moved, "--stop-after", "2"), cache)
+    assert _losses(moved)[-1][0] == 2
+    r = subprocess.run(_train_cmd(tiny_folder, train, moved), env=_env(1, cache), capture_output=True, text=True,
+                       timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    got = _losses(moved)
+    assert [s for s, _, _ in got] == [1, 2, 3, 4]
+    np.testing.assert_allclose(np.asarray(got)[:, 1:], np.asarray(ref)[:, 1:], rtol=1e-5)

@@ -20,12 +20,13 @@ import hashlib
 import json
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Sequence
 
 import numpy as np
 
 from embeddinggemma_jax.batch import shards
+from embeddinggemma_jax.distributed import Distributed
 from embeddinggemma_jax.batch.readers import (
     FORMATS,
     InputSpec,
@@ -98,11 +99,7 @@ class EmbedOptions:
     on_bad_record: str = option("fail", "fail names the file and line; skip writes it to errors.jsonl",
                                 choices=["fail", "skip"])
     progress: bool = option(True, "show a progress bar")
-    multihost: bool = option(False, "call jax.distributed.initialize() (auto-detected on TPU pods); run on every "
-                                    "worker")
-    coordinator: str | None = option(None, "HOST:PORT of process 0, for clusters without auto-detection")
-    num_processes: int | None = option(None, "number of processes (with --coordinator)")
-    process_id: int | None = option(None, "this process's index (with --coordinator)")
+    distributed: Distributed = field(default_factory=Distributed)
 
     def __post_init__(self):
         if self.prompt_name == "":
@@ -137,10 +134,7 @@ def run_embed(o: EmbedOptions) -> dict:
         raise JobError(f"--unit-size must be >= 1, got {o.unit_size}")
     if not o.inputs:
         raise JobError("no --input given; pass one or more files")
-    if o.multihost or o.coordinator:
-        from embeddinggemma_jax.batch.step import init_distributed
-
-        init_distributed(o.coordinator, o.num_processes, o.process_id)
+    o.distributed.start()
     import jax
 
     from embeddinggemma_jax import EmbeddingGemma, topologies

@@ -17,32 +17,8 @@ import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding
 
+from embeddinggemma_jax.distributed import allgather_ints, barrier, init_distributed, place_state
 from embeddinggemma_jax.sharding import logical_to_spec, state_shardings, use_rules
-
-
-def init_distributed(coordinator: str | None = None, num_processes: int | None = None,
-                     process_id: int | None = None) -> None:
-    """``jax.distributed.initialize``: explicit on CPU/GPU clusters, auto-detected on TPU pods.
-    On the CPU backend, cross-process collectives need gloo."""
-    if jax.config.jax_platforms in (None, "", "cpu") or coordinator is not None:
-        try:
-            jax.config.update("jax_cpu_collectives_implementation", "gloo")
-        except Exception:  # noqa: BLE001 - option absent on builds without CPU collectives
-            pass
-    kw = {}
-    if coordinator is not None:
-        kw = dict(coordinator_address=coordinator, num_processes=num_processes, process_id=process_id)
-    jax.distributed.initialize(**kw)
-
-
-def place_state(state, shardings):
-    """Put every parameter onto its sharding from host values; works when the sharding spans
-    devices of other processes (each process supplies the slices its devices hold)."""
-    def put(x, s):
-        host = np.asarray(x)
-        return jax.make_array_from_callback(host.shape, s, lambda idx: host[idx])
-
-    return jax.tree.map(put, state, shardings)
 
 
 class ShardedEncoder:
@@ -100,23 +76,6 @@ class ShardedEncoder:
         for s in out.addressable_shards:
             parts.setdefault(s.index[0].start or 0, s.data)
         return np.concatenate([np.asarray(parts[k]) for k in sorted(parts)], axis=0)
-
-
-def allgather_ints(values) -> np.ndarray:
-    """[processes, n] int32: every process's ``values`` (a no-op stack on one process)."""
-    v = np.asarray(values, np.int32)
-    if jax.process_count() == 1:
-        return v[None]
-    from jax.experimental import multihost_utils
-
-    return np.asarray(multihost_utils.process_allgather(v)).reshape(jax.process_count(), -1)
-
-
-def barrier(name: str) -> None:
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-
-        multihost_utils.sync_global_devices(name)
 
 
 __all__ = ["ShardedEncoder", "init_distributed", "place_state", "allgather_ints", "barrier"]

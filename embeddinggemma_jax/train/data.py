@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
@@ -152,12 +152,16 @@ class PairStream:
             self._order = (epoch, epoch_order(len(self.pairs), self.seed, epoch))
         return self._order[1]
 
-    def next_batch(self) -> TextBatch:
-        """The next ``batch_size`` records; an epoch's leftover (< batch_size) is dropped."""
+    def next_batch(self, rows: tuple[int, int] | None = None) -> TextBatch:
+        """The next ``batch_size`` records; an epoch's leftover (< batch_size) is dropped. ``rows``
+        (start, stop): read only those rows of the batch (this host's part); the position advances by
+        the whole batch, the same on every host."""
         p = self.position
         if p.index + self.batch_size > len(self.pairs):
             p = self.position = Position(p.epoch + 1, 0)
         idx = self._perm(p.epoch)[p.index:p.index + self.batch_size]
+        if rows is not None:
+            idx = idx[rows[0]:rows[1]]
         self.position = Position(p.epoch, p.index + self.batch_size)
         recs = [self.pairs.record(int(i)) for i in idx]
         negs = [r[2] for r in recs]  # all or none: PairFile checked
@@ -189,19 +193,24 @@ class BatchEncoder:
     def planner(self, rows: int) -> BatchPlanner:
         return BatchPlanner(self.buckets, rows, self.tokenizer.pad_id)
 
-    def pad(self, seqs: list[list[list[int]]]) -> tuple[np.ndarray, np.ndarray]:
+    def pad(self, seqs: list[list[list[int]]], longest: int | None = None) -> tuple[np.ndarray, np.ndarray]:
         """[A][rows][tokens] -> ids, mask [A, rows, L]: every group padded to the bucket of the longest
-        sequence of all groups (one shape per step)."""
-        longest = max(len(s) for group in seqs for s in group)
+        sequence of all groups (one shape per step), or of ``longest`` (the longest over all hosts)."""
+        longest = longest or max(len(s) for group in seqs for s in group)
         planner = self.planner(len(seqs[0]))
         batches = [planner.pad_group(group, longest) for group in seqs]
         return np.stack([b.ids for b in batches]), np.stack([b.mask for b in batches])
 
-    def encode(self, micro: list[TextBatch]) -> TokenBatch:
+    def encode(self, micro: list[TextBatch], agree: Callable[[list[int]], list[int]] | None = None) -> TokenBatch:
+        """``agree``: [longest query, longest document] of this host -> the maxima over all hosts, so that
+        every host pads its rows of the global batch to the same shape."""
         if len({b.negatives is None for b in micro}) > 1:
             raise ValueError("micro-batches of one step mix records with and without negatives")
         q = [self.ids(b.queries, self.query_prefix) for b in micro]
         d = [self.ids(b.positives + (b.negatives or []), self.doc_prefix) for b in micro]
-        qi, qm = self.pad(q)
-        di, dm = self.pad(d)
+        longest = [max(len(s) for g in x for s in g) for x in (q, d)]
+        if agree is not None:
+            longest = agree(longest)
+        qi, qm = self.pad(q, longest[0])
+        di, dm = self.pad(d, longest[1])
         return TokenBatch(qi, qm, di, dm)

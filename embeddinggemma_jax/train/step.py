@@ -33,6 +33,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from embeddinggemma_jax import sharding as shd
 from embeddinggemma_jax.config import check_dtype
+from embeddinggemma_jax.distributed import place_state
 from embeddinggemma_jax.options import floats, ints, option
 from embeddinggemma_jax.train.losses import DEFAULT_MATRYOSHKA_DIMS, matryoshka_loss
 
@@ -153,9 +154,37 @@ class Trainable:
         return nnx.state(self.module(params), nnx.Param)
 
     def batch_sharding(self, shape) -> NamedSharding:
-        """[A, B, L]: rows split over the data axes (which must divide the batch)."""
-        return NamedSharding(self.mesh, shd.logical_to_spec((None, "activation_batch", "activation_length"), self.rules,
-                                                            self.mesh, shape))
+        """[A, B, L] queries or [A, C, B, L] documents (C columns: positives, then hard negatives): the B
+        rows split over the data axes (which must divide the batch)."""
+        names = (None, "activation_batch", "activation_length")
+        if len(shape) == 4:
+            names = (None, None) + names[1:]
+        return NamedSharding(self.mesh, shd.logical_to_spec(names, self.rules, self.mesh, shape))
+
+    def local_rows(self, batch_size: int) -> tuple[int, int]:
+        """[start, stop) of the global batch's rows that this process's devices hold: all that it reads."""
+        idx = self.batch_sharding((1, batch_size, 1)).addressable_devices_indices_map((1, batch_size, 1))
+        spans = sorted({(s[1].start or 0, batch_size if s[1].stop is None else s[1].stop) for s in idx.values()})
+        start, stop = spans[0][0], spans[-1][1]
+        if sum(b - a for a, b in spans) != stop - start:
+            raise ValueError(f"this process's devices hold rows {spans} of the batch, not one contiguous block; "
+                             "use a mesh whose data axes follow jax.devices() (the default)")
+        return start, stop
+
+    def place_batch(self, batch, batch_size: int) -> list[jax.Array]:
+        """This process's rows of a global batch (``TokenBatch`` of rows ``local_rows``) -> global arrays:
+        queries [A, B, L], documents [A, C, B, L]. One process: its rows are the whole batch."""
+        start, stop = self.local_rows(batch_size)
+        qi, qm, di, dm = batch.arrays()
+        A, b = qi.shape[:2]
+        if b != stop - start:
+            raise ValueError(f"this process holds rows {start}..{stop} of the batch but was given {b} rows")
+        out = []
+        for x in (qi, qm, di.reshape(A, -1, b, di.shape[-1]), dm.reshape(A, -1, b, dm.shape[-1])):
+            # documents: rows are column-major (positives, then each negative column): [A, C, rows, L]
+            shape = x.shape[:-2] + (batch_size, x.shape[-1])
+            out.append(jax.make_array_from_process_local_data(self.batch_sharding(shape), x, shape))
+        return out
 
 
 def make_trainable(module: nnx.Module, cfg: TrainConfig, mesh: Mesh | None = None) -> tuple[Trainable, dict]:
@@ -168,8 +197,8 @@ def make_trainable(module: nnx.Module, cfg: TrainConfig, mesh: Mesh | None = Non
     tr_sh = shd.state_shardings(trainable, mesh, rules)
     fr_sh = shd.state_shardings(frozen, mesh, rules) if jax.tree.leaves(frozen) else frozen
     template = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), trainable)
-    params = jax.device_put(trainable.to_pure_dict(), tr_sh.to_pure_dict())
-    frozen = jax.device_put(frozen, fr_sh) if jax.tree.leaves(frozen) else frozen
+    params = place_state(trainable.to_pure_dict(), tr_sh.to_pure_dict())  # works across hosts
+    frozen = place_state(frozen, fr_sh) if jax.tree.leaves(frozen) else frozen
     t = Trainable(graphdef, template, frozen, mesh, tuple(rules), tr_sh.to_pure_dict(), fr_sh)
     return t, params
 
@@ -190,10 +219,10 @@ def _like_params(tree, params_struct, params_shardings, replicated):
 def init_state(t: Trainable, params: dict, cfg: TrainConfig, tx: optax.GradientTransformation):
     """{"params", "opt_state", "step", "rng"} on the mesh, and its sharding tree."""
     shardings = state_shardings(t, params, tx)
-    opt_state = jax.jit(tx.init, out_shardings=shardings["opt_state"])(params)
-    state = {"params": params, "opt_state": opt_state, "step": jnp.zeros((), jnp.int32),
-             "rng": jax.random.PRNGKey(cfg.seed)}
-    return jax.device_put(state, shardings), shardings
+    rest = jax.jit(lambda p: {"opt_state": tx.init(p), "step": jnp.zeros((), jnp.int32),
+                              "rng": jax.random.PRNGKey(cfg.seed)},
+                   out_shardings={k: shardings[k] for k in ("opt_state", "step", "rng")})(params)
+    return dict(params=params, **rest), shardings
 
 
 def state_shardings(t: Trainable, params: dict, tx: optax.GradientTransformation) -> dict:
@@ -263,10 +292,13 @@ def check_batch(t: Trainable, cfg: TrainConfig, batch_size: int) -> None:
 
 
 def _value_and_grad(t: Trainable, cfg: TrainConfig, dims, weights, frozen) -> Callable:
-    """(params, qi, qm, di, dm) -> (loss, grads) of one global batch, cached or not."""
+    """(params, qi, qm, di, dm) -> (loss, grads) of one global batch, cached or not; documents come in
+    as [C, B, L] (``place_batch``) and are scored as the C * B rows positives-then-negatives."""
     if cfg.cached_loss:
-        return lambda p, *xs: cached_loss_and_grads(t, cfg, dims, weights, p, frozen, *xs)
-    return jax.value_and_grad(lambda p, *xs: loss_fn(t, cfg, dims, weights, p, frozen, *xs))
+        f = lambda p, *xs: cached_loss_and_grads(t, cfg, dims, weights, p, frozen, *xs)  # noqa: E731
+    else:
+        f = jax.value_and_grad(lambda p, *xs: loss_fn(t, cfg, dims, weights, p, frozen, *xs))
+    return lambda p, qi, qm, di, dm: f(p, qi, qm, di.reshape(-1, di.shape[-1]), dm.reshape(-1, dm.shape[-1]))
 
 
 def _with_params(t: Trainable, params: dict) -> nnx.State:
@@ -275,9 +307,13 @@ def _with_params(t: Trainable, params: dict) -> nnx.State:
     return state
 
 
-def make_train_step(t: Trainable, cfg: TrainConfig, tx: optax.GradientTransformation, shardings: dict,
-                    dims, weights) -> Callable:
-    """``step(state, batch_arrays) -> (state, metrics)``; batch arrays are [A, B, L] (A micro-batches)."""
+def jitted_train_step(t: Trainable, cfg: TrainConfig, tx: optax.GradientTransformation, shardings: dict,
+                      dims, weights) -> Callable:
+    """The jitted step as a plain function ``(state, frozen, qi, qm, di, dm) -> (state, metrics)``: queries
+    [A, B, L] int32, documents [A, C, B, L] (A global batches per update, C = 1 + hard negatives). It takes
+    arrays or ``jax.ShapeDtypeStruct``s with shardings, so ``.lower(...).compile()`` gives its memory plan
+    for any topology without data (``shardings`` from ``state_shardings``, documents' from
+    ``Trainable.batch_sharding``)."""
     schedule = make_schedule(cfg)
 
     def step(state, frozen, qi, qm, di, dm):
@@ -299,24 +335,33 @@ def make_train_step(t: Trainable, cfg: TrainConfig, tx: optax.GradientTransforma
         metrics = {"loss": loss, "grad_norm": optax.global_norm(grads), "lr": schedule(state["step"])}
         return new, metrics
 
-    jitted = jax.jit(step, out_shardings=(shardings, t.replicated), donate_argnums=(0,))
+    return jax.jit(step, out_shardings=(shardings, t.replicated), donate_argnums=(0,))
 
-    def run(state, batch):
-        check_batch(t, cfg, batch.query_ids.shape[1])
-        arrays = [jax.device_put(a, t.batch_sharding(a.shape)) for a in batch.arrays()]
-        return jitted(state, t.frozen, *arrays)
+
+def make_train_step(t: Trainable, cfg: TrainConfig, tx: optax.GradientTransformation, shardings: dict,
+                    dims, weights) -> Callable:
+    """``step(state, local TokenBatch, global batch size) -> (state, metrics)``."""
+    jitted = jitted_train_step(t, cfg, tx, shardings, dims, weights)
+
+    def run(state, batch, batch_size: int | None = None):
+        """``batch``: this process's rows (``Trainable.local_rows``) of a global batch of ``batch_size``
+        pairs (default: the rows given, i.e. one process)."""
+        batch_size = batch_size or batch.query_ids.shape[1]
+        check_batch(t, cfg, batch_size)
+        return jitted(state, t.frozen, *t.place_batch(batch, batch_size))
 
     return run
 
 
-def loss_and_grads(t: Trainable, cfg: TrainConfig, params: dict, batch, dims, weights):
+def loss_and_grads(t: Trainable, cfg: TrainConfig, params: dict, batch, dims, weights, batch_size: int | None = None):
     """Loss and gradients of the first global batch of ``batch`` (no update), sharded over the mesh
     as the train step shards it, cached or not per ``cfg``: for parity tests."""
-    check_batch(t, cfg, batch.query_ids.shape[1])
+    batch_size = batch_size or batch.query_ids.shape[1]
+    check_batch(t, cfg, batch_size)
 
     def f(p, *xs):
         with shd.use_rules(t.mesh, t.rules):
             return _value_and_grad(t, cfg, dims, weights, t.frozen)(p, *(x[0] for x in xs))
 
-    arrays = [jax.device_put(a[:1], t.batch_sharding(a[:1].shape)) for a in batch.arrays()]
+    arrays = t.place_batch(batch, batch_size)
     return jax.jit(f, out_shardings=(t.replicated, t.param_shardings))(params, *arrays)
