@@ -188,6 +188,28 @@ def test_stream_is_seeded_resumable_and_covers_each_epoch(tmp_path):
     assert [other.next_batch().queries for _ in range(3)] != first
 
 
+def test_train_file_glob_reads_every_file_in_order_and_hosts_read_their_rows(tmp_path):
+    (tmp_path / "d").mkdir()
+    a = _write_pairs(tmp_path / "d" / "part-0.jsonl", 5, seed=1)
+    b = _write_pairs(tmp_path / "d" / "part-1.jsonl", 4, seed=2)
+    pairs = PairFile(str(tmp_path / "d" / "part-*.jsonl"))
+    assert pairs.paths == [str(a), str(b)] and len(pairs) == 9
+    want = PairFile(a).all_records() + PairFile(b).all_records()
+    assert pairs.all_records() == want
+    # Two hosts reading rows 0..2 and 2..4 of each batch of 4 see exactly the one-host batches, split.
+    whole = PairStream(pairs, 4, seed=3)
+    halves = [PairStream(pairs, 4, seed=3), PairStream(pairs, 4, seed=3)]
+    for _ in range(3):  # crosses the epoch boundary (9 records: 2 batches per epoch)
+        full = whole.next_batch().queries
+        assert halves[0].next_batch((0, 2)).queries + halves[1].next_batch((2, 4)).queries == full
+    assert halves[0].position == halves[1].position == whole.position
+    (tmp_path / "d" / "part-2.jsonl").write_text('{"query": "a"}\n')
+    with pytest.raises(ValueError, match="part-2.jsonl line 1 has no field 'positive'"):
+        PairFile(str(tmp_path / "d" / "part-*.jsonl"))
+    with pytest.raises(FileNotFoundError, match="match nothing"):
+        PairFile(str(tmp_path / "nothing-*.jsonl"))
+
+
 def test_custom_fields_negatives_and_clear_errors(tmp_path):
     p = _write_pairs(tmp_path / "p.jsonl", 4, negatives=True, fields=("q", "d", "hard"))
     recs = PairFile(p, Fields("q", "d", "hard")).all_records()
