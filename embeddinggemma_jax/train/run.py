@@ -33,7 +33,8 @@ from embeddinggemma_jax.train.losses import check_matryoshka
 class RunConfig:
     """A training run; every field is a ``train`` flag and a ``--config`` key (``options``)."""
 
-    train_file: str = option(None, "JSONL training pairs (query, positive[, negative])", required=True)
+    train_file: str = option(None, "JSONL training pairs (query, positive[, negative]): a file, a glob or gs:// paths",
+                             required=True)
     output_dir: str = option(None, "run folder: checkpoints/, metrics.jsonl, final/", required=True)
     model: str = option(DEFAULT_MODEL, "base model folder or hub id")
     train: st.TrainConfig = field(default_factory=st.TrainConfig)
