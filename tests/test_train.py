@@ -57,45 +57,42 @@ def _write_pairs(path: Path, n: int, seed: int = 0, negatives: bool = False, fie
 
 
 # ----------------------------------------------------------------------------- parity with PyTorch
-def test_loss_and_every_gradient_equal_sentence_transformers(tiny_folder):
+# Queries and documents longer than the tiny window (8), of different lengths (padding matters).
+PARITY_BATCH = TextBatch(
+    ["a b c", "hello", "x y z w", "why is the sky blue?"],
+    ["doc a", "doc hello there", "xyz", "rayleigh scattering of sunlight by the molecules of the air"],
+    ["nope", "no", "n", "the ocean is blue because it reflects the sky"])
+PARITY_WEIGHTS = (1.0, 0.5, 0.25, 2.0)
+
+
+def _torch_loss_and_grads(tiny_folder, b, make_loss):
+    """sentence-transformers' loss (``make_loss(model)``) and every parameter's gradient under PyTorch
+    autograd, on the token batch ``b`` (query, positive and negative columns)."""
     import torch
     from sentence_transformers import SentenceTransformer
-    from sentence_transformers.sentence_transformer.losses import MatryoshkaLoss, MultipleNegativesRankingLoss
 
-    from embeddinggemma_jax.train.run import load_base
-    from embeddinggemma_jax.weights import DENSE1_FILE, DENSE2_FILE, ENCODER_FILE, PARAM_TABLE
-
-    weights = (1.0, 0.5, 0.25, 2.0)
-    cfg = st.TrainConfig(matryoshka_dims=TINY_DIMS, matryoshka_weights=weights, dtype="float32", remat=True)
-    base, module = load_base(str(tiny_folder), cfg)
-    enc = base.encoder_config
-    t, params = st.make_trainable(module, cfg)
-    tok, head = _tokenizer(tiny_folder)
-    # Queries and documents longer than the tiny window (8), of different lengths (padding matters).
-    batch = TextBatch(
-        ["a b c", "hello", "x y z w", "why is the sky blue?"],
-        ["doc a", "doc hello there", "xyz", "rayleigh scattering of sunlight by the molecules of the air"],
-        ["nope", "no", "n", "the ocean is blue because it reflects the sky"])
-    b = BatchEncoder(tok, head.prompts, 128, (32, 64, 128)).encode([batch])
-    loss, grads = st.loss_and_grads(t, cfg, params, b, TINY_DIMS, weights)
+    from embeddinggemma_jax.weights import DENSE1_FILE, DENSE2_FILE, ENCODER_FILE
 
     model = SentenceTransformer(str(tiny_folder), device="cpu")
-    ref_loss = MatryoshkaLoss(model, MultipleNegativesRankingLoss(model), list(TINY_DIMS), list(weights))
-    B = len(batch.queries)
+    B = b.query_ids.shape[1]
 
     def features(ids, mask):
         return {"input_ids": torch.tensor(ids, dtype=torch.long), "attention_mask": torch.tensor(mask, dtype=torch.long)}
 
     cols = [features(b.query_ids[0], b.query_mask[0]), features(b.doc_ids[0, :B], b.doc_mask[0, :B]),
             features(b.doc_ids[0, B:], b.doc_mask[0, B:])]
-    torch_loss = ref_loss(cols, None)
+    torch_loss = make_loss(model)(cols, None)
     torch_loss.backward()
-    np.testing.assert_allclose(float(loss), torch_loss.item(), rtol=1e-4)
-
-    torch_grads = {}
+    grads = {}
     for file, mod in ((ENCODER_FILE, model[0].auto_model), (DENSE1_FILE, model[2]), (DENSE2_FILE, model[3])):
         for name, p in mod.named_parameters():
-            torch_grads[(file, name)] = p.grad.numpy()
+            grads[(file, name)] = p.grad.numpy()
+    return torch_loss.item(), grads
+
+
+def _assert_grads_equal(enc, grads, torch_grads):
+    from embeddinggemma_jax.weights import PARAM_TABLE
+
     compared = 0
     for spec in PARAM_TABLE:
         g = np.asarray(_get(grads, spec.path))
@@ -107,6 +104,55 @@ def test_loss_and_every_gradient_equal_sentence_transformers(tiny_folder):
             np.testing.assert_allclose(mine, ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max(), err_msg=key)
             compared += 1
     assert compared == len(torch_grads)  # every torch parameter had a JAX gradient compared with it
+
+
+def _jax_loss_and_grads(tiny_folder, **cfg_kw):
+    from embeddinggemma_jax.train.run import load_base
+
+    cfg = st.TrainConfig(matryoshka_dims=TINY_DIMS, matryoshka_weights=PARITY_WEIGHTS, dtype="float32", remat=True,
+                         **cfg_kw)
+    base, module = load_base(str(tiny_folder), cfg)
+    t, params = st.make_trainable(module, cfg)
+    tok, head = _tokenizer(tiny_folder)
+    b = BatchEncoder(tok, head.prompts, 128, (32, 64, 128)).encode([PARITY_BATCH])
+    loss, grads = st.loss_and_grads(t, cfg, params, b, TINY_DIMS, PARITY_WEIGHTS)
+    return base.encoder_config, b, loss, grads
+
+
+def test_loss_and_every_gradient_equal_sentence_transformers(tiny_folder):
+    from sentence_transformers.sentence_transformer.losses import MatryoshkaLoss, MultipleNegativesRankingLoss
+
+    enc, b, loss, grads = _jax_loss_and_grads(tiny_folder)
+    torch_loss, torch_grads = _torch_loss_and_grads(tiny_folder, b, lambda m: MatryoshkaLoss(
+        m, MultipleNegativesRankingLoss(m), list(TINY_DIMS), list(PARITY_WEIGHTS)))
+    np.testing.assert_allclose(float(loss), torch_loss, rtol=1e-4)
+    _assert_grads_equal(enc, grads, torch_grads)
+
+
+def test_cached_loss_equals_uncached_and_sentence_transformers_cached_mnrl(tiny_folder):
+    """GradCache with mini-batches of 2 (of 4 queries, 8 documents): the same loss and gradients as the
+    uncached loss over the whole batch (fp32, rtol 1e-5), and as sentence-transformers'
+    CachedMultipleNegativesRankingLoss inside MatryoshkaLoss with the same mini-batch size."""
+    from sentence_transformers.sentence_transformer.losses import CachedMultipleNegativesRankingLoss, MatryoshkaLoss
+
+    enc, b, loss, grads = _jax_loss_and_grads(tiny_folder, cached_loss=True, mini_batch_size=2)
+    _, _, plain_loss, plain_grads = _jax_loss_and_grads(tiny_folder)
+    np.testing.assert_allclose(float(loss), float(plain_loss), rtol=1e-5)
+    for path, g in jax.tree_util.tree_leaves_with_path(plain_grads):
+        mine = np.asarray(_get(grads, [p.key for p in path]))
+        g = np.asarray(g)
+        assert np.abs(g).max() > 0, path
+        # rtol 1e-5 elementwise; entries far below the tensor's scale compare at 1e-5 of that scale
+        np.testing.assert_allclose(mine, g, rtol=1e-5, atol=1e-5 * np.abs(g).max(), err_msg=str(path))
+    torch_loss, torch_grads = _torch_loss_and_grads(tiny_folder, b, lambda m: MatryoshkaLoss(
+        m, CachedMultipleNegativesRankingLoss(m, mini_batch_size=2), list(TINY_DIMS), list(PARITY_WEIGHTS)))
+    np.testing.assert_allclose(float(loss), torch_loss, rtol=1e-4)
+    _assert_grads_equal(enc, grads, torch_grads)
+
+
+def test_cached_loss_settings_are_checked():
+    with pytest.raises(ValueError, match="--cached-loss needs --mini-batch-size"):
+        st.TrainConfig(cached_loss=True)
 
 
 def _get(tree, path):
@@ -140,6 +186,28 @@ def test_stream_is_seeded_resumable_and_covers_each_epoch(tmp_path):
     assert [again.next_batch().queries for _ in range(3)] == first
     other = PairStream(pairs, 3, seed=8)
     assert [other.next_batch().queries for _ in range(3)] != first
+
+
+def test_train_file_glob_reads_every_file_in_order_and_hosts_read_their_rows(tmp_path):
+    (tmp_path / "d").mkdir()
+    a = _write_pairs(tmp_path / "d" / "part-0.jsonl", 5, seed=1)
+    b = _write_pairs(tmp_path / "d" / "part-1.jsonl", 4, seed=2)
+    pairs = PairFile(str(tmp_path / "d" / "part-*.jsonl"))
+    assert pairs.paths == [str(a), str(b)] and len(pairs) == 9
+    want = PairFile(a).all_records() + PairFile(b).all_records()
+    assert pairs.all_records() == want
+    # Two hosts reading rows 0..2 and 2..4 of each batch of 4 see exactly the one-host batches, split.
+    whole = PairStream(pairs, 4, seed=3)
+    halves = [PairStream(pairs, 4, seed=3), PairStream(pairs, 4, seed=3)]
+    for _ in range(3):  # crosses the epoch boundary (9 records: 2 batches per epoch)
+        full = whole.next_batch().queries
+        assert halves[0].next_batch((0, 2)).queries + halves[1].next_batch((2, 4)).queries == full
+    assert halves[0].position == halves[1].position == whole.position
+    (tmp_path / "d" / "part-2.jsonl").write_text('{"query": "a"}\n')
+    with pytest.raises(ValueError, match="part-2.jsonl line 1 has no field 'positive'"):
+        PairFile(str(tmp_path / "d" / "part-*.jsonl"))
+    with pytest.raises(FileNotFoundError, match="match nothing"):
+        PairFile(str(tmp_path / "nothing-*.jsonl"))
 
 
 def test_custom_fields_negatives_and_clear_errors(tmp_path):
@@ -309,6 +377,27 @@ def test_fsdp_step_on_8_devices_matches_one_device(tmp_path):
         np.testing.assert_allclose(np.asarray(fsdp["params"][k]), np.asarray(v), rtol=0, atol=0.05 * lr, err_msg=k)
 
 
+@pytest.mark.slow
+def test_global_batch_loss_on_8_devices_equals_one_device(tmp_path):
+    """The contrastive batch is the global batch: 16 queries against all 32 documents, sharded over 8
+    devices (2 rows each), give the loss and gradients of the same batch on one device; so does the
+    cached loss with one row per device per mini-batch (a per-device loss would differ: 2 negatives)."""
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", PYTHONPATH=str(ROOT),
+               JAX_PLATFORMS="cpu")
+    r = subprocess.run([sys.executable, str(ROOT / "tests" / "train_global_batch_check.py"), str(tmp_path)], env=env,
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = json.loads((tmp_path / "out.json").read_text())
+    single = out["single"]
+    assert single["devices"] == 1 and out["data8"]["devices"] == 8
+    for name in ("data8", "data8_cached"):
+        np.testing.assert_allclose(out[name]["loss"], single["loss"], rtol=1e-5, err_msg=name)
+        for k, g in single["grads"].items():
+            g, mine = np.asarray(g), np.asarray(out[name]["grads"][k])
+            assert np.abs(g).max() > 0, k
+            np.testing.assert_allclose(mine, g, rtol=1e-5, atol=1e-5 * np.abs(g).max(), err_msg=f"{name} {k}")
+
+
 def test_tpu_training_configs_parse(tmp_path):
     from embeddinggemma_jax.cli import build_parser
     from embeddinggemma_jax.train.cli import run_config
@@ -323,8 +412,95 @@ def test_tpu_training_configs_parse(tmp_path):
         assert rc.train.dtype == "bfloat16" and rc.pad_to_max_length
         d = rc.train.mesh_shape
         assert d is None or rc.batch_size % (d[0] * d[1]) == 0
+        if rc.train.cached_loss:  # mini-batches divide the batch and split evenly over the chips
+            M = rc.train.mini_batch_size
+            assert rc.batch_size % M == 0 and M % (d[0] * d[1]) == 0, path
+        assert rc.distributed.multihost == (d is not None and d[0] * d[1] > 8), path  # > 8 chips: several hosts
     bad = tmp_path / "bad.json"
     bad.write_text('{"batchsize": 3}')
     args = build_parser().parse_args(["train", "--config", str(bad)])
     with pytest.raises(ValueError, match="unknown keys"):
         run_config(args)
+
+
+# ----------------------------------------------------------------------------- multi-host
+def _train_cmd(tiny_folder, train, out, *extra):
+    return [sys.executable, "-m", "embeddinggemma_jax.cli", "train", "--model", str(tiny_folder), "--train-file",
+            str(train), "--output-dir", str(out), "--steps", "4", "--dtype", "float32", "--lr", "1e-3",
+            "--matryoshka-dims", "40,16", "--batch-size", "8", "--max-length", "64", "--save-every", "2",
+            "--no-progress", "--no-export", "--adam-eps", "1e-6", *map(str, extra)]
+
+
+def _env(devices: int, cache: Path) -> dict:
+    return dict(os.environ, PYTHONPATH=str(ROOT), XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+                JAX_PLATFORMS="cpu", JAX_COMPILATION_CACHE_DIR=str(cache),
+                JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+
+
+def _two_processes(cmd, cache, until=None):
+    """Run ``cmd`` as processes 0 and 1 of a gloo job (one CPU device each); with ``until`` (a path),
+    kill -9 both as soon as it exists. Returns the processes' stderr."""
+    import socket
+    import time
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    procs = [subprocess.Popen(cmd + ["--coordinator", f"127.0.0.1:{port}", "--num-processes", "2", "--process-id",
+                                     str(i)], env=_env(1, cache), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True) for i in range(2)]
+    try:
+        if until is not None:
+            deadline = time.time() + 600
+            while not until.exists() and time.time() < deadline and all(p.poll() is None for p in procs):
+                time.sleep(0.05)
+            assert until.exists(), procs[0].communicate()[1][-3000:]
+            for p in procs:
+                p.kill()  # SIGKILL
+            return [p.communicate()[1] for p in procs]
+        errs = [p.communicate(timeout=600)[1] for p in procs]
+        for p, e in zip(procs, errs):
+            assert p.returncode == 0, e[-3000:]
+        return errs
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+
+
+def _losses(out: Path) -> list[tuple[int, float, float]]:
+    recs = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    return [(r["step"], r["loss"], r["grad_norm"]) for r in recs if "loss" in r]
+
+
+@pytest.mark.slow
+def test_two_processes_equal_one_and_survive_kill_9_and_restore_on_another_mesh(tiny_folder, tmp_path):
+    """Two gloo processes (one device each) train the global batch of the one-process run (two devices):
+    same loss and gradient norm at every step; both killed with SIGKILL after their first checkpoint and
+    rerun, they finish with each step logged once and the same numbers; a checkpoint the two processes
+    wrote together resumes in one process on one device (another host count and mesh)."""
+    cache = tmp_path / "cache"
+    train = _write_pairs(tmp_path / "train.jsonl", 40, seed=4, negatives=True)
+    one = tmp_path / "one"
+    r = subprocess.run(_train_cmd(tiny_folder, train, one), env=_env(2, cache), capture_output=True, text=True,
+                       timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    ref = _losses(one)
+    assert [s for s, _, _ in ref] == [1, 2, 3, 4]
+
+    two = tmp_path / "two"
+    _two_processes(_train_cmd(tiny_folder, train, two), cache, until=two / "checkpoints" / "2")
+    _two_processes(_train_cmd(tiny_folder, train, two), cache)
+    got = _losses(two)
+    assert [s for s, _, _ in got] == [1, 2, 3, 4]  # each step once, though steps after 2 may have run twice
+    np.testing.assert_allclose(np.asarray(got)[:, 1:], np.asarray(ref)[:, 1:], rtol=1e-5)
+
+    moved = tmp_path / "moved"
+    _two_processes(_train_cmd(tiny_folder, train, moved, "--stop-after", "2"), cache)
+    assert _losses(moved)[-1][0] == 2
+    r = subprocess.run(_train_cmd(tiny_folder, train, moved), env=_env(1, cache), capture_output=True, text=True,
+                       timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    got = _losses(moved)
+    assert [s for s, _, _ in got] == [1, 2, 3, 4]
+    np.testing.assert_allclose(np.asarray(got)[:, 1:], np.asarray(ref)[:, 1:], rtol=1e-5)

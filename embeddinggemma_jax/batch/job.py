@@ -36,12 +36,13 @@ import hashlib
 import json
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Sequence
 
 import numpy as np
 
 from embeddinggemma_jax.batch import shards
+from embeddinggemma_jax.distributed import Distributed
 from embeddinggemma_jax.batch.readers import (
     FORMATS,
     InputSpec,
@@ -115,11 +116,7 @@ class EmbedOptions:
     on_bad_record: str = option("fail", "fail names the file and line; skip writes it to errors.jsonl",
                                 choices=["fail", "skip"])
     progress: bool = option(True, "show a progress bar")
-    multihost: bool = option(False, "call jax.distributed.initialize() (auto-detected on TPU pods); run on every "
-                                    "worker")
-    coordinator: str | None = option(None, "HOST:PORT of process 0, for clusters without auto-detection")
-    num_processes: int | None = option(None, "number of processes (with --coordinator)")
-    process_id: int | None = option(None, "this process's index (with --coordinator)")
+    distributed: Distributed = field(default_factory=Distributed)
     plan_only: bool = option(False, "read, tokenise and plan the input, print the cost (batches, shapes, padding "
                                     "efficiency); loads no weights, compiles nothing, writes nothing")
     simulate_hosts: int | None = option(None, "with --plan-only: plan as this many hosts would (default: the "
@@ -169,7 +166,7 @@ class JobStats:
 
     def totals(self) -> "JobStats":
         """Summed over all hosts (split in 30-bit halves: int32 collectives)."""
-        from embeddinggemma_jax.batch.step import allgather_ints
+        from embeddinggemma_jax.distributed import allgather_ints
 
         d = self.as_dict()
         if _process_count() == 1:
@@ -227,14 +224,11 @@ def setup(o: EmbedOptions) -> JobContext:
         raise JobError("no --input given; pass one or more files")
     if not o.output:
         raise JobError("no --output given; pass the output folder (or --plan-only to only plan the job)")
-    if o.multihost or o.coordinator:
-        from embeddinggemma_jax.batch.step import init_distributed
-
-        init_distributed(o.coordinator, o.num_processes, o.process_id)
+    o.distributed.start()
     import jax
 
     from embeddinggemma_jax import EmbeddingGemma, topologies
-    from embeddinggemma_jax.batch.step import ShardedEncoder
+    from embeddinggemma_jax.distributed import ShardedEncoder
     from embeddinggemma_jax.head import check_dimensions
     from embeddinggemma_jax.sharding import DATA_PARALLEL_RULES, make_mesh
 
@@ -298,7 +292,7 @@ def check_output_folder(output: str) -> None:
 
 
 def _claim_output(out, name: str, job: dict, me: int) -> None:
-    from embeddinggemma_jax.batch.step import barrier
+    from embeddinggemma_jax.distributed import barrier
 
     options = job["options"]
     if me == 0:
@@ -339,7 +333,7 @@ def tokenize_unit(ctx: JobContext, u: Unit) -> list:
 def plan_round(ctx: JobContext, unit: Unit | None, write: bool, tokens: list) -> Round:
     """Gather every host's records of this round (host after host) and plan them together: every host
     computes the same global batches, each ``processes`` times a host's rows."""
-    from embeddinggemma_jax.batch.step import allgather_ragged
+    from embeddinggemma_jax.distributed import allgather_ragged
 
     if ctx.processes == 1:
         every = list(tokens)
@@ -364,7 +358,7 @@ def host_share(b: PlannedBatch, host: int, processes: int) -> np.ndarray:
 def step(ctx: JobContext, rnd: Round, stats: JobStats) -> np.ndarray | None:
     """Pad this host's share of every batch of the round, run the sharded step, and collect the raw
     embeddings [records, model dims] of this host's unit (None when its shard is already done)."""
-    from embeddinggemma_jax.batch.step import allgather_rows
+    from embeddinggemma_jax.distributed import allgather_rows
     from embeddinggemma_jax.batching import pad_rows
 
     P, me = ctx.processes, ctx.process_index
@@ -422,7 +416,7 @@ def finalize(ctx: JobContext, stats: JobStats, unit_names: list[str], wall: floa
     """Sum the hosts' counters, write manifest.json and errors.jsonl (process 0), and return the summary."""
     import jax
 
-    from embeddinggemma_jax.batch.step import barrier
+    from embeddinggemma_jax.distributed import barrier
 
     total = stats.totals().as_dict()
     barrier("embed-shards-written")
@@ -507,7 +501,7 @@ def run_embed(o: EmbedOptions) -> dict:
     current round runs, and a writer thread writes finished shards (at most two pending)."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from embeddinggemma_jax.batch.step import agree_error, allgather_ints
+    from embeddinggemma_jax.distributed import agree_error, allgather_ints
 
     ctx = setup(o)
     P = ctx.processes

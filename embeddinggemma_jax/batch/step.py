@@ -17,32 +17,8 @@ import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding
 
+from embeddinggemma_jax.distributed import place_state
 from embeddinggemma_jax.sharding import logical_to_spec, state_shardings, use_rules
-
-
-def init_distributed(coordinator: str | None = None, num_processes: int | None = None,
-                     process_id: int | None = None) -> None:
-    """``jax.distributed.initialize``: explicit on CPU/GPU clusters, auto-detected on TPU pods.
-    On the CPU backend, cross-process collectives need gloo."""
-    if jax.config.jax_platforms in (None, "", "cpu") or coordinator is not None:
-        try:
-            jax.config.update("jax_cpu_collectives_implementation", "gloo")
-        except Exception:  # noqa: BLE001 - option absent on builds without CPU collectives
-            pass
-    kw = {}
-    if coordinator is not None:
-        kw = dict(coordinator_address=coordinator, num_processes=num_processes, process_id=process_id)
-    jax.distributed.initialize(**kw)
-
-
-def place_state(state, shardings):
-    """Put every parameter onto its sharding from host values; works when the sharding spans
-    devices of other processes (each process supplies the slices its devices hold)."""
-    def put(x, s):
-        host = np.asarray(x)
-        return jax.make_array_from_callback(host.shape, s, lambda idx: host[idx])
-
-    return jax.tree.map(put, state, shardings)
 
 
 class ShardedEncoder:
@@ -102,62 +78,4 @@ class ShardedEncoder:
         return np.concatenate([np.asarray(parts[k]) for k in sorted(parts)], axis=0)
 
 
-def allgather_ints(values) -> np.ndarray:
-    """[processes, n] int32: every process's ``values`` (a no-op stack on one process)."""
-    v = np.asarray(values, np.int32)
-    if jax.process_count() == 1:
-        return v[None]
-    from jax.experimental import multihost_utils
-
-    return np.asarray(multihost_utils.process_allgather(v)).reshape(jax.process_count(), -1)
-
-
-def allgather_rows(x: np.ndarray) -> np.ndarray:
-    """[processes, *x.shape]: every process's ``x`` (same shape and dtype everywhere)."""
-    if jax.process_count() == 1:
-        return np.asarray(x)[None]
-    from jax.experimental import multihost_utils
-
-    return np.asarray(multihost_utils.process_allgather(np.asarray(x)))
-
-
-def allgather_ragged(values) -> list[np.ndarray]:
-    """Every process's 1-D int32 ``values`` (lengths may differ): two collectives (sizes, then the
-    values padded to the longest)."""
-    v = np.asarray(values, np.int32).ravel()
-    if jax.process_count() == 1:
-        return [v]
-    sizes = allgather_ints([v.size])[:, 0]
-    if sizes.max() == 0:
-        return [np.zeros(0, np.int32) for _ in sizes]
-    padded = np.zeros(int(sizes.max()), np.int32)
-    padded[:v.size] = v
-    rows = allgather_ints(padded)
-    return [rows[h, :int(n)] for h, n in enumerate(sizes)]
-
-
-def agree_error(message: str | None, max_bytes: int = 2048) -> str | None:
-    """Every host calls this with its error message (or None); all get back the same answer: the
-    message of the lowest-numbered host that has one, or None when no host has. One collective, so a
-    host that meets an error stops together with the others instead of leaving them in the next one."""
-    data = (message or "").encode("utf-8")[:max_bytes]
-    row = np.zeros(max_bytes + 1, np.int32)
-    row[0] = message is not None
-    row[1:1 + len(data)] = np.frombuffer(data, np.uint8)
-    rows = allgather_ints(row)
-    for r in rows:
-        if r[0]:
-            body = r[1:].astype(np.uint8).tobytes().rstrip(b"\0")
-            return body.decode("utf-8", errors="ignore")
-    return None
-
-
-def barrier(name: str) -> None:
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-
-        multihost_utils.sync_global_devices(name)
-
-
-__all__ = ["ShardedEncoder", "init_distributed", "place_state", "allgather_ints", "allgather_rows", "allgather_ragged",
-           "agree_error", "barrier"]
+__all__ = ["ShardedEncoder"]

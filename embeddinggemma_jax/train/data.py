@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
@@ -71,43 +71,61 @@ class TokenBatch:
 
 
 class PairFile:
-    """Random access to the records of a JSONL pair file through a byte-offset index.
+    """Random access to the records of JSONL pair files through a byte-offset index.
 
-    Indexing reads the whole file once and validates every record (valid JSON, the query and positive
-    fields present as strings, a negative on every record or on none), so a bad line stops the run
-    before its first step, naming the file and line, not hours into it.
+    ``path``: a file, or a glob (``data/*.jsonl``, ``gs://bucket/pairs-*.jsonl``), expanded and sorted as
+    ``embed --input`` does (``batch.readers.expand_inputs``; gs:// through etils.epath): the records of
+    all the files, in that order, are one pair set. Indexing reads every file once and validates every
+    record (valid JSON, the query and positive fields present as strings, a negative on every record or
+    on none), so a bad line stops the run before its first step, naming the file and line, not hours
+    into it.
     """
 
     def __init__(self, path: str | Path, fields: Fields = Fields()):
-        self.path = Path(path)
+        from etils import epath
+
+        from embeddinggemma_jax.batch.readers import expand_inputs
+
         self.fields = fields
-        if not self.path.is_file():
-            raise FileNotFoundError(f"pair file {self.path} does not exist; pass a JSONL file with one "
-                                    f'{{"{fields.query}": ..., "{fields.positive}": ...}} object per line')
-        offsets, lines, with_negative = [], [], []
-        with open(self.path, "rb") as f:
-            pos = 0
-            for number, line in enumerate(f, 1):
-                if line.strip():
-                    with_negative.append(self.parse(line, number)[2] is not None)
-                    offsets.append(pos)
-                    lines.append(number)
-                pos += len(line)
+        self.path = str(path)
+        try:
+            self.paths = expand_inputs([self.path])
+        except ValueError as e:
+            raise FileNotFoundError(f"pair files {self.path} match nothing; pass JSONL files with one "
+                                    f'{{"{fields.query}": ..., "{fields.positive}": ...}} object per line') from e
+        offsets, lines, files, with_negative = [], [], [], []
+        for k, p in enumerate(self.paths):
+            if not epath.Path(p).is_file():
+                raise FileNotFoundError(f"pair file {p} does not exist; pass a JSONL file with one "
+                                        f'{{"{fields.query}": ..., "{fields.positive}": ...}} object per line')
+            with epath.Path(p).open("rb") as f:
+                pos = 0
+                for number, line in enumerate(f, 1):
+                    if line.strip():
+                        with_negative.append(self.parse(line, number, p)[2] is not None)
+                        offsets.append(pos)
+                        lines.append(number)
+                        files.append(k)
+                    pos += len(line)
         if not offsets:
             raise ValueError(f"pair file {self.path} has no records")
         if any(with_negative) and not all(with_negative):
-            have, lack = (lines[with_negative.index(v)] for v in (True, False))
-            raise ValueError(f"{self.path}: line {have} has a {fields.negative!r} field and line {lack} does not; give "
+            have, lack = (with_negative.index(v) for v in (True, False))
+            fa, fb = (self.paths[files[i]] for i in (have, lack))
+            where = (f"{fa}: line {lines[have]}", f"line {lines[lack]}") if fa == fb else \
+                (f"{fa} line {lines[have]}", f"{fb} line {lines[lack]}")
+            raise ValueError(f"{where[0]} has a {fields.negative!r} field and {where[1]} does not; give "
                              "every record a negative, or none (or pass --negative-field '' to ignore them)")
         self.offsets = np.asarray(offsets, np.int64)
         self.lines = np.asarray(lines, np.int64)
-        self._f = open(self.path, "rb")
+        self.files = np.asarray(files, np.int32)
+        self._f: dict[int, object] = {}
 
     def __len__(self) -> int:
         return len(self.offsets)
 
-    def parse(self, line: bytes, number: int) -> tuple[str, str, str | None]:
-        where = f"{self.path} line {number}"
+    def parse(self, line: bytes, number: int, path: str) -> tuple[str, str, str | None]:
+        where = f"{path} line {number}"
         obj = parse_json(line, where, expect=dict, hint="write one JSON object per line")
         f = self.fields
         out = []
@@ -124,8 +142,14 @@ class PairFile:
         return out[0], out[1], out[2]
 
     def record(self, i: int) -> tuple[str, str, str | None]:
-        self._f.seek(int(self.offsets[i]))
-        return self.parse(self._f.readline(), int(self.lines[i]))
+        from etils import epath
+
+        k = int(self.files[i])
+        if k not in self._f:  # opened on first use: a host opens only the files its rows are in
+            self._f[k] = epath.Path(self.paths[k]).open("rb")
+        f = self._f[k]
+        f.seek(int(self.offsets[i]))
+        return self.parse(f.readline(), int(self.lines[i]), self.paths[k])
 
     def all_records(self) -> list[tuple[str, str, str | None]]:
         return [self.record(i) for i in range(len(self))]
@@ -152,12 +176,16 @@ class PairStream:
             self._order = (epoch, epoch_order(len(self.pairs), self.seed, epoch))
         return self._order[1]
 
-    def next_batch(self) -> TextBatch:
-        """The next ``batch_size`` records; an epoch's leftover (< batch_size) is dropped."""
+    def next_batch(self, rows: tuple[int, int] | None = None) -> TextBatch:
+        """The next ``batch_size`` records; an epoch's leftover (< batch_size) is dropped. ``rows``
+        (start, stop): read only those rows of the batch (this host's part); the position advances by
+        the whole batch, the same on every host."""
         p = self.position
         if p.index + self.batch_size > len(self.pairs):
             p = self.position = Position(p.epoch + 1, 0)
         idx = self._perm(p.epoch)[p.index:p.index + self.batch_size]
+        if rows is not None:
+            idx = idx[rows[0]:rows[1]]
         self.position = Position(p.epoch, p.index + self.batch_size)
         recs = [self.pairs.record(int(i)) for i in idx]
         negs = [r[2] for r in recs]  # all or none: PairFile checked
@@ -189,19 +217,24 @@ class BatchEncoder:
     def planner(self, rows: int) -> BatchPlanner:
         return BatchPlanner(self.buckets, rows, self.tokenizer.pad_id)
 
-    def pad(self, seqs: list[list[list[int]]]) -> tuple[np.ndarray, np.ndarray]:
+    def pad(self, seqs: list[list[list[int]]], longest: int | None = None) -> tuple[np.ndarray, np.ndarray]:
         """[A][rows][tokens] -> ids, mask [A, rows, L]: every group padded to the bucket of the longest
-        sequence of all groups (one shape per step)."""
-        longest = max(len(s) for group in seqs for s in group)
+        sequence of all groups (one shape per step), or of ``longest`` (the longest over all hosts)."""
+        longest = longest or max(len(s) for group in seqs for s in group)
         planner = self.planner(len(seqs[0]))
         batches = [planner.pad_group(group, longest) for group in seqs]
         return np.stack([b.ids for b in batches]), np.stack([b.mask for b in batches])
 
-    def encode(self, micro: list[TextBatch]) -> TokenBatch:
+    def encode(self, micro: list[TextBatch], agree: Callable[[list[int]], list[int]] | None = None) -> TokenBatch:
+        """``agree``: [longest query, longest document] of this host -> the maxima over all hosts, so that
+        every host pads its rows of the global batch to the same shape."""
         if len({b.negatives is None for b in micro}) > 1:
             raise ValueError("micro-batches of one step mix records with and without negatives")
         q = [self.ids(b.queries, self.query_prefix) for b in micro]
         d = [self.ids(b.positives + (b.negatives or []), self.doc_prefix) for b in micro]
-        qi, qm = self.pad(q)
-        di, dm = self.pad(d)
+        longest = [max(len(s) for g in x for s in g) for x in (q, d)]
+        if agree is not None:
+            longest = agree(longest)
+        qi, qm = self.pad(q, longest[0])
+        di, dm = self.pad(d, longest[1])
         return TokenBatch(qi, qm, di, dm)

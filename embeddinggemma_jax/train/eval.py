@@ -80,15 +80,16 @@ def format_metrics(m: dict) -> str:
 class MetricsLog:
     """Append-only JSONL: one object per logged step or evaluation (flushed per line)."""
 
-    def __init__(self, path: str | Path):
-        self.path = Path(path)
+    def __init__(self, path: str | Path, enabled: bool = True):
+        """``enabled=False`` (every process but the first of a multi-host run): writes nothing."""
+        self.path, self.enabled = Path(path), enabled
         self.path.parent.mkdir(parents=True, exist_ok=True)
 
     def truncate_after(self, step: int) -> None:
         """Drop records of steps after ``step`` (written by a run that died before its next checkpoint)."""
         from embeddinggemma_jax.io_utils import atomic_write_bytes
 
-        if not self.path.is_file():
+        if not self.enabled or not self.path.is_file():
             return
         lines = self.path.read_text(encoding="utf-8").splitlines()
         kept = [x for x in lines if x.strip() and json.loads(x).get("step", 0) <= step]
@@ -96,6 +97,8 @@ class MetricsLog:
             atomic_write_bytes(self.path, "".join(x + "\n" for x in kept).encode())
 
     def write(self, **record) -> None:
+        if not self.enabled:
+            return
         record.setdefault("time", time.time())
         with open(self.path, "a", encoding="utf-8") as f:
             f.write(json.dumps(record) + "\n")

@@ -19,6 +19,7 @@ import numpy as np
 from flax import nnx
 
 from embeddinggemma_jax.batching import TRAIN_LENGTH_BUCKETS
+from embeddinggemma_jax.distributed import Distributed, allgather_ints, barrier, is_primary
 from embeddinggemma_jax.hub import DEFAULT_MODEL
 from embeddinggemma_jax.options import differences, flat_dict, ints, option
 from embeddinggemma_jax.train import step as st
@@ -32,11 +33,12 @@ from embeddinggemma_jax.train.losses import check_matryoshka
 class RunConfig:
     """A training run; every field is a ``train`` flag and a ``--config`` key (``options``)."""
 
-    train_file: str = option(None, "JSONL training pairs (query, positive[, negative])", required=True)
+    train_file: str = option(None, "JSONL training pairs (query, positive[, negative]): a file, a glob or gs:// paths",
+                             required=True)
     output_dir: str = option(None, "run folder: checkpoints/, metrics.jsonl, final/", required=True)
     model: str = option(DEFAULT_MODEL, "base model folder or hub id")
     train: st.TrainConfig = field(default_factory=st.TrainConfig)
-    batch_size: int = option(16, "pairs per micro-batch (the in-batch negatives)")
+    batch_size: int = option(16, "pairs per global batch, over all devices and hosts (the contrastive batch)")
     max_length: int = option(256, "tokens per text, prompt included (truncated)")
     pad_to_max_length: bool = option(False, "one padded shape (one compilation) instead of length buckets")
     eval_file: str | None = option(None, "JSONL held-out pairs for retrieval metrics")
@@ -56,6 +58,7 @@ class RunConfig:
     stop_after: int | None = option(None, "stop after N steps of this process, as if preempted (resume later)")
     deadline: float | None = option(None, "unix time after which no step starts (a time-boxed job slot); resumable")
     progress: bool = option(True, "show a progress bar")
+    distributed: Distributed = field(default_factory=Distributed)
 
     def __post_init__(self):
         for name in ("train_file", "output_dir"):
@@ -98,6 +101,7 @@ class Run:
 
     def __init__(self, rc: RunConfig, mesh=None):
         self.rc = rc
+        rc.distributed.start()  # before any device is touched
         cfg = rc.train
         self.base, module = load_base(rc.model, cfg)
         self.folder, self.head = self.base.source, self.base.head_config
@@ -106,6 +110,8 @@ class Run:
         del module
         self.tx = st.make_optimizer(cfg)
         self.state, self.shardings = st.init_state(self.t, params, cfg, self.tx)
+        st.check_batch(self.t, cfg, rc.batch_size)
+        self.rows = self.t.local_rows(rc.batch_size)  # this host's rows of every global batch
         self.step_fn = st.make_train_step(self.t, cfg, self.tx, self.shardings, self.dims, self.weights)
         tok = self.base.tokenizer
         buckets = (rc.max_length,) if rc.pad_to_max_length else TRAIN_LENGTH_BUCKETS
@@ -113,14 +119,26 @@ class Run:
                                     rc.query_prompt, rc.document_prompt)
         self.out = Path(rc.output_dir)
         self.ckpt = TrainCheckpoints(self.out / "checkpoints", keep=rc.keep)
-        self.log = MetricsLog(self.out / "metrics.jsonl")
+        self.log = MetricsLog(self.out / "metrics.jsonl", enabled=is_primary())
         self.position = Position()
-        self._forward = jax.jit(lambda p, ids, mask: self.t.module(p)(ids, mask))
+        self._forward_jit = jax.jit(lambda p, ids, mask: self.t.module(p)(ids, mask), out_shardings=self.t.replicated)
         self.evaluator = None
         if rc.eval_file:
             records = PairFile(rc.eval_file, rc.fields).all_records()
             self.evaluator = PairEvaluator(records, self.encoder, rc.eval_dims or self.dims, rc.eval_batch_size,
                                            rc.eval_pairs)
+
+    def _forward(self, params, ids, mask):
+        """Embeddings of a host batch (the same on every host): rows split over the mesh when they divide,
+        replicated otherwise; the result is replicated, so every host reads it."""
+        from jax.sharding import NamedSharding, PartitionSpec
+
+        from embeddinggemma_jax.distributed import place_state
+
+        rows = ids.shape[0]
+        spec = PartitionSpec(tuple(self.t.mesh.axis_names)) if rows % self.t.mesh.size == 0 else PartitionSpec()
+        ids, mask = place_state((np.asarray(ids), np.asarray(mask)), (NamedSharding(self.t.mesh, spec),) * 2)
+        return self._forward_jit(params, ids, mask)
 
     @property
     def step(self) -> int:
@@ -178,8 +196,9 @@ class Run:
             if rc.deadline is not None and time.time() >= rc.deadline:
                 bar.write(f"deadline reached after step {self.step}; re-run to resume")
                 break
-            batch = self.encoder.encode([stream.next_batch() for _ in range(cfg.grad_accum)])
-            self.state, metrics = self.step_fn(self.state, batch)
+            batch = self.encoder.encode([stream.next_batch(self.rows) for _ in range(cfg.grad_accum)],
+                                        agree=lambda n: list(allgather_ints(n).max(axis=0)))
+            self.state, metrics = self.step_fn(self.state, batch, rc.batch_size)
             self.position = stream.position
             done_here += 1
             s = self.step
@@ -205,7 +224,13 @@ class Run:
         return summary
 
     def export(self, out_dir, dtype: str | None = None) -> Path:
-        return _save_final(self.base, self.t.full_state(self.state["params"]), out_dir, dtype or self.rc.export_dtype)
+        """Process 0 writes the folder (parameters gathered from every host first); the others wait."""
+        params = jax.jit(lambda p: p, out_shardings=self.t.replicated)(self.state["params"])
+        out = Path(out_dir)
+        if is_primary():
+            out = _save_final(self.base, self.t.full_state(params), out_dir, dtype or self.rc.export_dtype)
+        barrier("train-export")
+        return out
 
     def close(self):
         self.ckpt.close()

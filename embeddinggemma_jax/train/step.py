@@ -6,9 +6,15 @@
   state and the Orbax checkpoint are ordinary pytrees. With ``freeze_embeddings`` the embedding
   table (201M of 308M parameters) is a separate, constant input: it gets no gradient buffer and
   no Adam moments.
-- One call = one optimiser update: the batch carries a leading micro-batch axis that a
-  ``lax.scan`` accumulates gradients over (so the in-batch negatives are those of a micro-batch,
-  as in sentence-transformers with gradient accumulation).
+- One call = one optimiser update: the batch carries a leading axis of ``grad_accum`` global batches
+  that a ``lax.scan`` accumulates gradients over. Each global batch is one contrastive batch: it is
+  sharded over every device of the mesh (all hosts), and every document of it is a negative for every
+  query (the score matrix is [B, B * (1 + n)] over the global batch; XLA gathers the embeddings).
+- ``cached_loss`` (GradCache, as sentence-transformers' ``CachedMultipleNegativesRankingLoss``): the
+  embeddings of a global batch are computed in ``mini_batch_size`` rows at a time without keeping
+  activations, the loss and its gradient with respect to the embeddings once over the whole batch,
+  then each mini-batch is re-run under ``jax.vjp`` with its slice of that gradient. Activation memory
+  is that of one mini-batch; the contrastive batch is the whole global batch.
 - Jitted on the inference mesh with its logical rules; ``fsdp=True`` uses ``sharding.FSDP_RULES``
   (weights split over the ``fsdp`` axis) and the optimiser moments follow their parameters.
 """
@@ -27,6 +33,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from embeddinggemma_jax import sharding as shd
 from embeddinggemma_jax.config import check_dtype
+from embeddinggemma_jax.distributed import place_state
 from embeddinggemma_jax.options import floats, ints, option
 from embeddinggemma_jax.train.losses import DEFAULT_MATRYOSHKA_DIMS, matryoshka_loss
 
@@ -48,7 +55,11 @@ class TrainConfig:
     adam_b2: float = option(0.999, "Adam beta2")
     adam_eps: float = option(1e-8, "Adam epsilon")
     max_grad_norm: float | None = option(1.0, "global-norm gradient clipping; 0 disables")
-    grad_accum: int = option(1, "micro-batches per optimiser step")
+    grad_accum: int = option(1, "global batches per optimiser step (each its own contrastive batch)")
+    cached_loss: bool = option(False, "GradCache: embed the batch in mini-batches without activations, so the "
+                                      "contrastive batch can exceed what fits in memory")
+    mini_batch_size: int | None = option(None, "rows (queries, and documents per query column) per forward pass "
+                                               "with --cached-loss; a multiple of the data-parallel device count")
     matryoshka_dims: tuple[int, ...] = option(DEFAULT_MATRYOSHKA_DIMS, "Matryoshka dimensions of the loss",
                                               parse=ints)
     matryoshka_weights: tuple[float, ...] | None = option(None, "loss weight per dimension (default: 1 each)",
@@ -68,6 +79,8 @@ class TrainConfig:
             raise ValueError(f"schedule {self.schedule!r} is unknown; use linear, cosine or constant")
         if self.grad_accum < 1:
             raise ValueError(f"grad_accum must be >= 1, got {self.grad_accum}")
+        if self.cached_loss and (self.mini_batch_size is None or self.mini_batch_size < 1):
+            raise ValueError("--cached-loss needs --mini-batch-size M (rows per forward pass, e.g. 32)")
         if self.total_steps < 1 or not 0 <= self.warmup_steps <= self.total_steps:
             raise ValueError(f"need 0 <= warmup_steps ({self.warmup_steps}) <= total_steps ({self.total_steps})")
 
@@ -141,9 +154,37 @@ class Trainable:
         return nnx.state(self.module(params), nnx.Param)
 
     def batch_sharding(self, shape) -> NamedSharding:
-        """[A, B, L]: rows split over the data axes (which must divide the batch)."""
-        return NamedSharding(self.mesh, shd.logical_to_spec((None, "activation_batch", "activation_length"), self.rules,
-                                                            self.mesh, shape))
+        """[A, B, L] queries or [A, C, B, L] documents (C columns: positives, then hard negatives): the B
+        rows split over the data axes (which must divide the batch)."""
+        names = (None, "activation_batch", "activation_length")
+        if len(shape) == 4:
+            names = (None, None) + names[1:]
+        return NamedSharding(self.mesh, shd.logical_to_spec(names, self.rules, self.mesh, shape))
+
+    def local_rows(self, batch_size: int) -> tuple[int, int]:
+        """[start, stop) of the global batch's rows that this process's devices hold: all that it reads."""
+        idx = self.batch_sharding((1, batch_size, 1)).addressable_devices_indices_map((1, batch_size, 1))
+        spans = sorted({(s[1].start or 0, batch_size if s[1].stop is None else s[1].stop) for s in idx.values()})
+        start, stop = spans[0][0], spans[-1][1]
+        if sum(b - a for a, b in spans) != stop - start:
+            raise ValueError(f"this process's devices hold rows {spans} of the batch, not one contiguous block; "
+                             "use a mesh whose data axes follow jax.devices() (the default)")
+        return start, stop
+
+    def place_batch(self, batch, batch_size: int) -> list[jax.Array]:
+        """This process's rows of a global batch (``TokenBatch`` of rows ``local_rows``) -> global arrays:
+        queries [A, B, L], documents [A, C, B, L]. One process: its rows are the whole batch."""
+        start, stop = self.local_rows(batch_size)
+        qi, qm, di, dm = batch.arrays()
+        A, b = qi.shape[:2]
+        if b != stop - start:
+            raise ValueError(f"this process holds rows {start}..{stop} of the batch but was given {b} rows")
+        out = []
+        for x in (qi, qm, di.reshape(A, -1, b, di.shape[-1]), dm.reshape(A, -1, b, dm.shape[-1])):
+            # documents: rows are column-major (positives, then each negative column): [A, C, rows, L]
+            shape = x.shape[:-2] + (batch_size, x.shape[-1])
+            out.append(jax.make_array_from_process_local_data(self.batch_sharding(shape), x, shape))
+        return out
 
 
 def make_trainable(module: nnx.Module, cfg: TrainConfig, mesh: Mesh | None = None) -> tuple[Trainable, dict]:
@@ -156,8 +197,8 @@ def make_trainable(module: nnx.Module, cfg: TrainConfig, mesh: Mesh | None = Non
     tr_sh = shd.state_shardings(trainable, mesh, rules)
     fr_sh = shd.state_shardings(frozen, mesh, rules) if jax.tree.leaves(frozen) else frozen
     template = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), trainable)
-    params = jax.device_put(trainable.to_pure_dict(), tr_sh.to_pure_dict())
-    frozen = jax.device_put(frozen, fr_sh) if jax.tree.leaves(frozen) else frozen
+    params = place_state(trainable.to_pure_dict(), tr_sh.to_pure_dict())  # works across hosts
+    frozen = place_state(frozen, fr_sh) if jax.tree.leaves(frozen) else frozen
     t = Trainable(graphdef, template, frozen, mesh, tuple(rules), tr_sh.to_pure_dict(), fr_sh)
     return t, params
 
@@ -178,10 +219,10 @@ def _like_params(tree, params_struct, params_shardings, replicated):
 def init_state(t: Trainable, params: dict, cfg: TrainConfig, tx: optax.GradientTransformation):
     """{"params", "opt_state", "step", "rng"} on the mesh, and its sharding tree."""
     shardings = state_shardings(t, params, tx)
-    opt_state = jax.jit(tx.init, out_shardings=shardings["opt_state"])(params)
-    state = {"params": params, "opt_state": opt_state, "step": jnp.zeros((), jnp.int32),
-             "rng": jax.random.PRNGKey(cfg.seed)}
-    return jax.device_put(state, shardings), shardings
+    rest = jax.jit(lambda p: {"opt_state": tx.init(p), "step": jnp.zeros((), jnp.int32),
+                              "rng": jax.random.PRNGKey(cfg.seed)},
+                   out_shardings={k: shardings[k] for k in ("opt_state", "step", "rng")})(params)
+    return dict(params=params, **rest), shardings
 
 
 def state_shardings(t: Trainable, params: dict, tx: optax.GradientTransformation) -> dict:
@@ -190,11 +231,74 @@ def state_shardings(t: Trainable, params: dict, tx: optax.GradientTransformation
     return {"params": t.param_shardings, "opt_state": opt_sh, "step": t.replicated, "rng": t.replicated}
 
 
+def _embed(t: Trainable, cfg: TrainConfig, params, frozen, ids, mask, remat: bool):
+    return nnx.merge(t.graphdef, _with_params(t, params), frozen)(ids, mask, remat=remat)  # [rows, out] fp32
+
+
 def loss_fn(t: Trainable, cfg: TrainConfig, dims, weights, params, frozen, qi, qm, di, dm):
-    module = nnx.merge(t.graphdef, _with_params(t, params), frozen)
-    q = module(qi, qm, remat=cfg.remat)  # [B, out] fp32
-    d = module(di, dm, remat=cfg.remat)  # [B * (1 + n), out]
+    q = _embed(t, cfg, params, frozen, qi, qm, cfg.remat)  # [B, out] fp32
+    d = _embed(t, cfg, params, frozen, di, dm, cfg.remat)  # [B * (1 + n), out]
     return matryoshka_loss(q, d, dims, weights, cfg.scale)
+
+
+def _chunks(x: jax.Array, n: int) -> jax.Array:
+    """[R, ...] -> [n, R // n, ...]; chunk c holds rows c, n + c, 2n + c, ... so that each chunk is spread
+    evenly over the devices that hold contiguous blocks of R (no data moves between devices)."""
+    return jnp.swapaxes(x.reshape(x.shape[0] // n, n, *x.shape[1:]), 0, 1)
+
+
+def _unchunk(x: jax.Array) -> jax.Array:
+    """The inverse of ``_chunks``: [n, m, ...] -> [n * m, ...] in the original row order."""
+    return jnp.swapaxes(x, 0, 1).reshape(x.shape[0] * x.shape[1], *x.shape[2:])
+
+
+def cached_loss_and_grads(t: Trainable, cfg: TrainConfig, dims, weights, params, frozen, qi, qm, di, dm):
+    """GradCache: equal (up to summation order) to ``value_and_grad(loss_fn)`` over the whole batch, with
+    the activations of one mini-batch of ``cfg.mini_batch_size`` queries at a time."""
+    B, M = qi.shape[0], cfg.mini_batch_size
+    n = B // M  # the caller checked B % M == 0; documents: B * (1 + negatives) rows, n chunks likewise
+
+    def embed_all(ids, mask):  # pass 1: no gradient, no activations kept
+        def body(_, xs):
+            return None, _embed(t, cfg, jax.lax.stop_gradient(params), frozen, *xs, remat=False)
+        return _unchunk(jax.lax.scan(body, None, (_chunks(ids, n), _chunks(mask, n)))[1])
+
+    q, d = embed_all(qi, qm), embed_all(di, dm)
+    loss, (gq, gd) = jax.value_and_grad(lambda a, b: matryoshka_loss(a, b, dims, weights, cfg.scale),
+                                        argnums=(0, 1))(q, d)
+
+    def back(acc, xs):  # pass 2: each mini-batch again, its embeddings' gradient pulled back to the params
+        ids, mask, g = xs
+        _, vjp = jax.vjp(lambda p: _embed(t, cfg, p, frozen, ids, mask, cfg.remat), params)
+        return jax.tree.map(jnp.add, acc, vjp(g)[0]), None
+
+    grads = jax.tree.map(jnp.zeros_like, params)
+    for ids, mask, g in ((qi, qm, gq), (di, dm, gd)):
+        grads, _ = jax.lax.scan(back, grads, (_chunks(ids, n), _chunks(mask, n), _chunks(g, n)))
+    return loss, grads
+
+
+def check_batch(t: Trainable, cfg: TrainConfig, batch_size: int) -> None:
+    """A global batch the mesh and the mini-batch size divide (a one-line error otherwise)."""
+    data = t.mesh.size
+    if batch_size % data:
+        raise ValueError(f"--batch-size {batch_size} is not a multiple of the {data} devices it is split over; "
+                         f"use a multiple of {data}")
+    if cfg.cached_loss:
+        M = cfg.mini_batch_size
+        if batch_size % M or M % data:
+            raise ValueError(f"--mini-batch-size {M} must divide --batch-size {batch_size} and be a multiple of the "
+                             f"{data} devices each mini-batch is split over")
+
+
+def _value_and_grad(t: Trainable, cfg: TrainConfig, dims, weights, frozen) -> Callable:
+    """(params, qi, qm, di, dm) -> (loss, grads) of one global batch, cached or not; documents come in
+    as [C, B, L] (``place_batch``) and are scored as the C * B rows positives-then-negatives."""
+    if cfg.cached_loss:
+        f = lambda p, *xs: cached_loss_and_grads(t, cfg, dims, weights, p, frozen, *xs)  # noqa: E731
+    else:
+        f = jax.value_and_grad(lambda p, *xs: loss_fn(t, cfg, dims, weights, p, frozen, *xs))
+    return lambda p, qi, qm, di, dm: f(p, qi, qm, di.reshape(-1, di.shape[-1]), dm.reshape(-1, dm.shape[-1]))
 
 
 def _with_params(t: Trainable, params: dict) -> nnx.State:
@@ -203,13 +307,17 @@ def _with_params(t: Trainable, params: dict) -> nnx.State:
     return state
 
 
-def make_train_step(t: Trainable, cfg: TrainConfig, tx: optax.GradientTransformation, shardings: dict,
-                    dims, weights) -> Callable:
-    """``step(state, batch_arrays) -> (state, metrics)``; batch arrays are [A, B, L] (A micro-batches)."""
+def jitted_train_step(t: Trainable, cfg: TrainConfig, tx: optax.GradientTransformation, shardings: dict,
+                      dims, weights) -> Callable:
+    """The jitted step as a plain function ``(state, frozen, qi, qm, di, dm) -> (state, metrics)``: queries
+    [A, B, L] int32, documents [A, C, B, L] (A global batches per update, C = 1 + hard negatives). It takes
+    arrays or ``jax.ShapeDtypeStruct``s with shardings, so ``.lower(...).compile()`` gives its memory plan
+    for any topology without data (``shardings`` from ``state_shardings``, documents' from
+    ``Trainable.batch_sharding``)."""
     schedule = make_schedule(cfg)
 
     def step(state, frozen, qi, qm, di, dm):
-        grad_fn = jax.value_and_grad(lambda p, *xs: loss_fn(t, cfg, dims, weights, p, frozen, *xs))
+        grad_fn = _value_and_grad(t, cfg, dims, weights, frozen)
 
         def micro(acc, xs):
             loss, grads = grad_fn(state["params"], *xs)
@@ -227,16 +335,33 @@ def make_train_step(t: Trainable, cfg: TrainConfig, tx: optax.GradientTransforma
         metrics = {"loss": loss, "grad_norm": optax.global_norm(grads), "lr": schedule(state["step"])}
         return new, metrics
 
-    jitted = jax.jit(step, out_shardings=(shardings, t.replicated), donate_argnums=(0,))
+    return jax.jit(step, out_shardings=(shardings, t.replicated), donate_argnums=(0,))
 
-    def run(state, batch):
-        arrays = [jax.device_put(a, t.batch_sharding(a.shape)) for a in batch.arrays()]
-        return jitted(state, t.frozen, *arrays)
+
+def make_train_step(t: Trainable, cfg: TrainConfig, tx: optax.GradientTransformation, shardings: dict,
+                    dims, weights) -> Callable:
+    """``step(state, local TokenBatch, global batch size) -> (state, metrics)``."""
+    jitted = jitted_train_step(t, cfg, tx, shardings, dims, weights)
+
+    def run(state, batch, batch_size: int | None = None):
+        """``batch``: this process's rows (``Trainable.local_rows``) of a global batch of ``batch_size``
+        pairs (default: the rows given, i.e. one process)."""
+        batch_size = batch_size or batch.query_ids.shape[1]
+        check_batch(t, cfg, batch_size)
+        return jitted(state, t.frozen, *t.place_batch(batch, batch_size))
 
     return run
 
 
-def loss_and_grads(t: Trainable, cfg: TrainConfig, params: dict, batch, dims, weights):
-    """Loss and gradients of one micro-batch (no update): for parity tests against PyTorch."""
-    f = jax.jit(jax.value_and_grad(lambda p, *xs: loss_fn(t, cfg, dims, weights, p, t.frozen, *xs)))
-    return f(params, *(a[0] for a in batch.arrays()))
+def loss_and_grads(t: Trainable, cfg: TrainConfig, params: dict, batch, dims, weights, batch_size: int | None = None):
+    """Loss and gradients of the first global batch of ``batch`` (no update), sharded over the mesh
+    as the train step shards it, cached or not per ``cfg``: for parity tests."""
+    batch_size = batch_size or batch.query_ids.shape[1]
+    check_batch(t, cfg, batch_size)
+
+    def f(p, *xs):
+        with shd.use_rules(t.mesh, t.rules):
+            return _value_and_grad(t, cfg, dims, weights, t.frozen)(p, *(x[0] for x in xs))
+
+    arrays = t.place_batch(batch, batch_size)
+    return jax.jit(f, out_shardings=(t.replicated, t.param_shardings))(params, *arrays)
