@@ -146,8 +146,11 @@ class Trainable:
                                                             self.mesh, shape))
 
 
-def make_trainable(module: nnx.Module, cfg: TrainConfig, mesh: Mesh | None = None) -> tuple[Trainable, dict]:
-    """Split ``module`` (built with fp32 params), place it on the mesh; returns (Trainable, params)."""
+def make_trainable(module: nnx.Module, cfg: TrainConfig, mesh: Mesh | None = None,
+                   place: bool = True) -> tuple[Trainable, dict]:
+    """Split ``module`` (built with fp32 params), place it on the mesh; returns (Trainable, params).
+    ``place=False``: parameters stay abstract (``ShapeDtypeStruct``s with their shardings), for
+    compiling the step for devices that are not there (``tpu_compile``)."""
     if mesh is None:
         n = jax.device_count()
         mesh = shd.make_mesh(cfg.mesh_shape or ((1, n) if cfg.fsdp else (n, 1)))
@@ -156,8 +159,10 @@ def make_trainable(module: nnx.Module, cfg: TrainConfig, mesh: Mesh | None = Non
     tr_sh = shd.state_shardings(trainable, mesh, rules)
     fr_sh = shd.state_shardings(frozen, mesh, rules) if jax.tree.leaves(frozen) else frozen
     template = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), trainable)
-    params = jax.device_put(trainable.to_pure_dict(), tr_sh.to_pure_dict())
-    frozen = jax.device_put(frozen, fr_sh) if jax.tree.leaves(frozen) else frozen
+    put = jax.device_put if place else \
+        (lambda tree, sh: jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, sh))
+    params = put(trainable.to_pure_dict(), tr_sh.to_pure_dict())
+    frozen = put(frozen, fr_sh) if jax.tree.leaves(frozen) else frozen
     t = Trainable(graphdef, template, frozen, mesh, tuple(rules), tr_sh.to_pure_dict(), fr_sh)
     return t, params
 
@@ -182,6 +187,14 @@ def init_state(t: Trainable, params: dict, cfg: TrainConfig, tx: optax.GradientT
     state = {"params": params, "opt_state": opt_state, "step": jnp.zeros((), jnp.int32),
              "rng": jax.random.PRNGKey(cfg.seed)}
     return jax.device_put(state, shardings), shardings
+
+
+def abstract_state(t: Trainable, params: dict, tx: optax.GradientTransformation):
+    """``init_state``'s result as ``ShapeDtypeStruct``s with their shardings (nothing computed)."""
+    shardings = state_shardings(t, params, tx)
+    shapes = {"params": params, "opt_state": jax.eval_shape(tx.init, params),
+              "step": jax.ShapeDtypeStruct((), jnp.int32), "rng": jax.eval_shape(lambda: jax.random.PRNGKey(0))}
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), shapes, shardings), shardings
 
 
 def state_shardings(t: Trainable, params: dict, tx: optax.GradientTransformation) -> dict:
@@ -233,6 +246,7 @@ def make_train_step(t: Trainable, cfg: TrainConfig, tx: optax.GradientTransforma
         arrays = [jax.device_put(a, t.batch_sharding(a.shape)) for a in batch.arrays()]
         return jitted(state, t.frozen, *arrays)
 
+    run.jitted = jitted  # (state, frozen, qi, qm, di, dm): what tpu_compile lowers
     return run
 
 
