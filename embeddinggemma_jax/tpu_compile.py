@@ -220,7 +220,13 @@ class _Roofline:
                 self.run(_attr(ins.rest, "to_apply"), times, acc)
                 continue
             f = self.instr_flops(ins)
-            b = self._operand_bytes(ins) + _nbytes(ins.type)
+            if ins.op in ("dynamic-slice", "slice", "slice-start"):  # reads only the slice it returns
+                b = 2 * _nbytes(ins.type)
+            elif ins.op == "dynamic-update-slice":  # in place: reads and writes the update only
+                ups = self._operand_shapes(ins)
+                b = 2 * (_BYTES[ups[1][0]] * math.prod(ups[1][1]) if len(ups) > 1 else _nbytes(ins.type))
+            else:
+                b = self._operand_bytes(ins) + _nbytes(ins.type)
             t = max(f / self.peak, b / self.bw)
             acc["seconds"] += times * t
             acc["flops"] += times * f
