@@ -60,21 +60,25 @@ def slice_devices(chips: int, num_slices: int = 1):
 
 # ----------------------------------------------------------------------------- HLO roofline
 _SHAPE = re.compile(r"\b(pred|s4|u4|s8|u8|s16|u16|s32|u32|s64|u64|f8e4m3fn|f8e5m2|bf16|f16|f32|f64|c64|c128)"
-                    r"\[([0-9,]*)\]")
+                    r"\[([0-9,]*)\](\{[^}]*\})?")
 _BYTES = {"pred": 1, "s4": 0.5, "u4": 0.5, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "s32": 4, "u32": 4, "s64": 8,
           "u64": 8, "f8e4m3fn": 1, "f8e5m2": 1, "bf16": 2, "f16": 2, "f32": 4, "f64": 8, "c64": 8, "c128": 16}
 _INSTR = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*(.*?)\s+([\w\-]+)\((.*)$")
 _HEADER = re.compile(r"^(ENTRY\s+)?%?[\w.\-]+ \(.*\) -> .*\{$")
-_FREE = {"parameter", "constant", "tuple", "get-tuple-element", "bitcast", "after-all", "partition-id",
+_FREE = {"copy-done", "slice-done", "all-gather-done", "all-reduce-done", "collective-permute-done",
+         "send-done", "recv-done", "parameter", "constant", "tuple", "get-tuple-element", "bitcast", "after-all", "partition-id",
          "replica-id", "iota", "opt-barrier"}
 
 
 def _dims(text: str) -> list[tuple[str, list[int]]]:
-    return [(t, [int(x) for x in d.split(",") if x]) for t, d in _SHAPE.findall(text)]
+    return [(t, [int(x) for x in d.split(",") if x]) for t, d, _ in _SHAPE.findall(text)]
 
 
 def _nbytes(text: str) -> float:
-    return sum(_BYTES[t] * math.prod(d) for t, d in _dims(text))
+    """HBM bytes of the arrays in a type string; arrays laid out in memory space 1 (``S(1)``: the
+    chip's on-core VMEM) move no HBM bytes."""
+    return sum(_BYTES[t] * math.prod(int(x) for x in d.split(",") if x)
+               for t, d, layout in _SHAPE.findall(text) if "S(1)" not in layout)
 
 
 @dataclass
@@ -141,6 +145,35 @@ class _Roofline:
             return _nbytes(ops)
         return sum(_nbytes(self.types.get(n, "")) for n in re.findall(r"%([\w.\-]+)", ops))
 
+    def _conv_flops(self, ins: _Instr) -> float:
+        """2 x outputs x input features x the window taps that meet real input. XLA:TPU writes batched
+        matmuls as convolutions whose window runs over a dilated or padded spatial dim; only the taps
+        that land on input elements count (at most the input's size, the window / lhs dilation)."""
+        out, ops = _dims(ins.type), self._operand_shapes(ins)
+        m = re.search(r"dim_labels=([^_]*)_([^-]*)->", ins.rest)
+        if not out or len(ops) < 2 or not m:
+            return 0.0
+        lhs_l, rhs_l = m.group(1), m.group(2)
+        lhs, kernel = ops[0][1], ops[1][1]
+        if len(lhs_l) != len(lhs) or len(rhs_l) != len(kernel) or "i" not in rhs_l:
+            return 0.0
+        win = re.search(r"window=\{([^}]*)\}", ins.rest)
+        wtext = win.group(1) if win else ""
+
+        def per_dim(key):
+            mm = re.search(rf"\b{key}=([0-9x]+)", wtext)
+            return [int(v) for v in mm.group(1).split("x")] if mm else None
+
+        size, dil = per_dim("size"), per_dim("lhs_dilate")
+        taps = 1
+        spatial = [c for c in lhs_l if c.isdigit()]
+        for c in spatial:
+            d = int(c)
+            w = size[d] if size and d < len(size) else 1
+            ld = dil[d] if dil and d < len(dil) else 1
+            taps *= max(1, min(w, lhs[lhs_l.index(c)], -(-w // ld)))
+        return 2.0 * math.prod(out[0][1]) * kernel[rhs_l.index("i")] * taps
+
     def instr_flops(self, ins: _Instr) -> float:
         if ins.op == "dot":
             out = _dims(ins.type)
@@ -151,14 +184,7 @@ class _Roofline:
             k = math.prod(lhs[0][1][int(i)] for i in m.group(1).split(",") if i)
             return 2.0 * math.prod(out[0][1]) * k
         if ins.op == "convolution":
-            out, ops = _dims(ins.type), self._operand_shapes(ins)
-            if not out or len(ops) < 2:
-                return 0.0
-            kernel = ops[1][1]  # FLOPs: 2 x outputs x (kernel elements per output feature)
-            m = re.search(r"dim_labels=[^_]*_([^-]*)->", ins.rest)
-            o = kernel[m.group(1).index("o")] if m and "o" in m.group(1) else 1
-            g = re.search(r"feature_group_count=(\d+)", ins.rest)
-            return 2.0 * math.prod(out[0][1]) * math.prod(kernel) / max(o, 1) / (int(g.group(1)) if g else 1)
+            return self._conv_flops(ins)
         if ins.op == "custom-call" and "tpu_custom_call" in ins.rest:
             # A Mosaic attention kernel: q [..., Lq, H] and k [..., Lk, H] among its operands; QK^T and
             # PV are 4 * (q elements) * Lk FLOPs (an upper bound on sliding layers: masked tiles skipped).
@@ -220,8 +246,10 @@ class _Roofline:
                 self.run(_attr(ins.rest, "to_apply"), times, acc)
                 continue
             f = self.instr_flops(ins)
-            if ins.op in ("dynamic-slice", "slice", "slice-start"):  # reads only the slice it returns
+            if ins.op in ("dynamic-slice", "slice"):  # reads only the slice it returns
                 b = 2 * _nbytes(ins.type)
+            elif ins.op in ("copy-start", "slice-start"):  # async: (source, destination, ...) tuple; once
+                b = _nbytes(ins.type)
             elif ins.op == "dynamic-update-slice":  # in place: reads and writes the update only
                 ups = self._operand_shapes(ins)
                 b = 2 * (_BYTES[ups[1][0]] * math.prod(ups[1][1]) if len(ups) > 1 else _nbytes(ins.type))
