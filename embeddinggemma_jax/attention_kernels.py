@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 
 from embeddinggemma_jax.attention_xla import local_windows, use_local
-from embeddinggemma_jax.sharding import current_platform
+from embeddinggemma_jax.sharding import current_platform, per_batch_shard
 
 IMPLS = ("cudnn", "splash")
 SPLASH_BLOCK = 128  # TPU lane width: splash tiles are multiples of it
@@ -104,7 +104,9 @@ def splash_attention(q, k, v, key_valid, radius: int | None, dtype, interpret: b
     kh = jnp.pad(k, pad + ((0, 0),) * 2).transpose(0, 2, 1, 3)  # [B, K, Lp, H]
     vh = jnp.pad(v, pad + ((0, 0),) * 2).transpose(0, 2, 1, 3)
     kernel = _splash_kernel(Lp, K * G, radius, bool(interpret))
-    out = jax.vmap(lambda q1, k1, v1, s1: kernel(q1, k1, v1, segment_ids=SegmentIds(q=s1, kv=s1)))(qh, kh, vh, seg)
+    rows = jax.vmap(lambda q1, k1, v1, s1: kernel(q1, k1, v1, segment_ids=SegmentIds(q=s1, kv=s1)))
+    # XLA cannot partition a Mosaic kernel: on a mesh, each device runs it on its own rows.
+    out = per_batch_shard(rows, 4)(qh, kh, vh, seg)
     out = out.transpose(0, 2, 1, 3)[:, :L]  # [B, L, N, H]
     return out.reshape(B, L, K, G, H).astype(dtype)
 

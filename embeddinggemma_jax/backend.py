@@ -54,3 +54,6 @@ def quiet_topology_env(accelerator_type: str) -> None:
     os.environ.setdefault("TPU_ACCELERATOR_TYPE", accelerator_type)
     os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
     os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
+    # Compiling touches no chip: several compiling processes may load libtpu at once (its lockfile
+    # guards a TPU's devices, of which this host has none).
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")

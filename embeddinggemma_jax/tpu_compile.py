@@ -188,11 +188,10 @@ class _Roofline:
         if ins.op == "custom-call" and "tpu_custom_call" in ins.rest:
             # A Mosaic attention kernel: q [..., Lq, H] and k [..., Lk, H] among its operands; QK^T and
             # PV are 4 * (q elements) * Lk FLOPs (an upper bound on sliding layers: masked tiles skipped).
-            big = [d for _, d in self._operand_shapes(ins) if len(d) >= 2]
-            big.sort(key=math.prod, reverse=True)
-            if len(big) >= 2 and big[0][-1] == big[1][-1]:
-                return 4.0 * math.prod(big[0]) * big[1][-2]
-            return 0.0
+            big = sorted((d for t, d in self._operand_shapes(ins) if len(d) >= 2 and t.startswith(("bf", "f"))),
+                         key=math.prod, reverse=True)
+            k = next((d for d in big[1:] if d[-1] == big[0][-1]), None) if big else None
+            return 4.0 * math.prod(big[0]) * k[-2] if k else 0.0
         sub = _attr(ins.rest, "calls") or _attr(ins.rest, "to_apply")
         if ins.op in ("fusion", "call") and sub:
             return self.comp_flops(sub)
@@ -282,13 +281,15 @@ def memory(compiled) -> dict:
 
 def _report(compiled, seconds_compile: float, tokens: int, model_flops_per_token: float | None) -> dict:
     mem = memory(compiled)
-    roof = hlo_roofline(compiled.as_text())
+    hlo = compiled.as_text()
+    roof = hlo_roofline(hlo)
     sec = roof["seconds"]
     row = {"hbm_bytes": mem["hbm_bytes"], "memory": mem, "hbm_fraction": mem["hbm_bytes"] / topologies.V5E_HBM_BYTES,
            "flops_per_chip": roof["flops"], "bytes_per_chip": roof["bytes"], "projected_seconds": sec,
            "projected_tokens_per_second_per_chip": tokens / sec if sec > 0 else None,
            "compute_bound_share": roof["compute_bound_seconds"] / sec if sec > 0 else None,
            "loop_trip_counts": sorted({lp["trip_count"] for lp in roof["loops"]}),
+           "mosaic_kernels": hlo.count('custom_call_target="tpu_custom_call"'),
            "projection_method": PROJECTION_METHOD, "compile_seconds": round(seconds_compile, 2)}
     if model_flops_per_token is not None and sec > 0:
         row["projected_mfu"] = model_flops_per_token * tokens / sec / V5E_PEAK_FLOPS
