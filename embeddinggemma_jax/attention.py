@@ -31,9 +31,29 @@ def select_impl(backend: str | None = None, dtype=None) -> str:
     return impl
 
 
+# Splash pads every sequence to whole 128-token tiles and keeps per-tile buffers: below 128 tokens,
+# or where the padding to the next tile is a large part of it, XLA attention needs far less HBM
+# and time (compiled for v5e by ``embeddinggemma-jax tpu-compile``; tpu/README.md).
+SPLASH_MIN_LENGTH = 128
+SPLASH_MAX_TILE_PADDING = 0.15
+
+
+def kernel_for_length(impl: str, length: int) -> str:
+    """The kernel that runs a sequence of ``length`` tokens: splash only from SPLASH_MIN_LENGTH tokens
+    where padding to whole tiles adds at most SPLASH_MAX_TILE_PADDING of the padded length; else XLA."""
+    if impl != "splash":
+        return impl
+    tiles = -(-length // attention_kernels.SPLASH_BLOCK) * attention_kernels.SPLASH_BLOCK
+    if length < SPLASH_MIN_LENGTH or tiles - length > SPLASH_MAX_TILE_PADDING * tiles:
+        return "xla"
+    return impl
+
+
 def attend(q, k, v, key_valid, radius: int | None, dtype, impl: str = "xla"):
     """q: [B, L, K, G, H] (scaled), k/v: [B, L, K, H], key_valid: [B, L] -> [B, L, K, G, H].
-    ``radius`` None means a full-attention layer."""
+    ``radius`` None means a full-attention layer. ``impl`` "splash" runs XLA where splash does not
+    pay (``kernel_for_length``)."""
+    impl = kernel_for_length(impl, q.shape[1])
     if impl == "xla":
         return xla_attention(q, k, v, key_valid, radius, dtype)
     if impl in attention_kernels.IMPLS:
@@ -73,4 +93,4 @@ class Attention(nnx.Module):
         return jnp.einsum("BLNH,NHD->BLD", out, self.o_proj[...].astype(dt), precision=p)
 
 
-__all__ = ["Attention", "attend", "select_impl", "IMPLS"]
+__all__ = ["Attention", "attend", "select_impl", "kernel_for_length", "IMPLS"]

@@ -10,7 +10,8 @@
 - ``splash`` (TPUs): Pallas splash attention with ``LocalMask((radius, radius))`` on sliding
   layers and ``FullMask`` on full layers; key padding as segment ids (a real token is segment 1,
   padding segment 0, so a padded query attends only to padding: finite, and dropped by the
-  pooling). Off a TPU it runs in Pallas interpret mode (how the parity tests run it on a CPU).
+  pooling). Off a TPU it runs in Pallas interpret mode (how the parity tests run it on a CPU); a
+  step built on a mesh of TPU devices (``sharding.use_rules``) gets the Mosaic kernel.
 
 Both take q already scaled by ``query_pre_attn_scalar ** -0.5`` and pass ``scale=1``.
 The batches of this package are right-padded: ``key_valid`` is a prefix of ones per row, which
@@ -23,6 +24,7 @@ import jax
 import jax.numpy as jnp
 
 from embeddinggemma_jax.attention_xla import local_windows, use_local
+from embeddinggemma_jax.sharding import current_platform, per_batch_shard
 
 IMPLS = ("cudnn", "splash")
 SPLASH_BLOCK = 128  # TPU lane width: splash tiles are multiples of it
@@ -92,8 +94,8 @@ def _splash_kernel(L: int, num_heads: int, radius: int | None, interpret: bool):
 def splash_attention(q, k, v, key_valid, radius: int | None, dtype, interpret: bool | None = None):
     from jax.experimental.pallas.ops.tpu.splash_attention import SegmentIds
 
-    if interpret is None:
-        interpret = jax.default_backend() != "tpu"
+    if interpret is None:  # the Mosaic kernel when the step is built for TPU devices, even from a CPU host
+        interpret = (current_platform() or jax.default_backend()) != "tpu"
     B, L, K, G, H = q.shape
     Lp = -(-L // SPLASH_BLOCK) * SPLASH_BLOCK  # pad to whole tiles; the pad is segment 0 (padding)
     pad = ((0, 0), (0, Lp - L))
@@ -102,7 +104,9 @@ def splash_attention(q, k, v, key_valid, radius: int | None, dtype, interpret: b
     kh = jnp.pad(k, pad + ((0, 0),) * 2).transpose(0, 2, 1, 3)  # [B, K, Lp, H]
     vh = jnp.pad(v, pad + ((0, 0),) * 2).transpose(0, 2, 1, 3)
     kernel = _splash_kernel(Lp, K * G, radius, bool(interpret))
-    out = jax.vmap(lambda q1, k1, v1, s1: kernel(q1, k1, v1, segment_ids=SegmentIds(q=s1, kv=s1)))(qh, kh, vh, seg)
+    rows = jax.vmap(lambda q1, k1, v1, s1: kernel(q1, k1, v1, segment_ids=SegmentIds(q=s1, kv=s1)))
+    # XLA cannot partition a Mosaic kernel: on a mesh, each device runs it on its own rows.
+    out = per_batch_shard(rows, 4)(qh, kh, vh, seg)
     out = out.transpose(0, 2, 1, 3)[:, :L]  # [B, L, N, H]
     return out.reshape(B, L, K, G, H).astype(dtype)
 

@@ -15,7 +15,7 @@ import sys
 from typing import Callable, NamedTuple
 
 from conversion import convert, parity
-from embeddinggemma_jax import bench
+from embeddinggemma_jax import bench, tpu_compile
 from embeddinggemma_jax.batch import cli as batch_cli
 from embeddinggemma_jax.hub import DEFAULT_MODEL
 from embeddinggemma_jax.serve import bench as serve_bench
@@ -159,6 +159,8 @@ COMMANDS: tuple[Command, ...] = (
     Command("tpu-configs", "print or write the TPU v5e topology configs (tpu/configs)", add_tpu_configs_arguments,
             cmd_tpu_configs, "The mesh, dtype, buckets and rows per chip of every v5e slice, as used by embed "
                              "--topology; --write regenerates tpu/configs."),
+    Command("tpu-compile", tpu_compile.TPU_COMPILE_HELP, tpu_compile.add_tpu_compile_arguments,
+            tpu_compile.cmd_tpu_compile, tpu_compile.TPU_COMPILE_DESCRIPTION),
 )
 
 

@@ -28,15 +28,16 @@ PARAM_AXES = ("vocab", "embed", "mlp", "q_heads", "kv_heads", "head_dim", "layer
 ACTIVATION_AXES = ("activation_batch", "activation_length", "activation_embed", "activation_mlp",
                    "activation_kv_heads", "activation_head_dim")
 
-# Inference: data parallel only, every parameter replicated.
+# Inference: data parallel only, every parameter replicated. ``slice``: the axis over the slices of
+# a multi-slice job (data parallel over the data-centre network); absent from single-slice meshes.
 DATA_PARALLEL_RULES: Rules = (
-    ("activation_batch", ("data", "fsdp")),
+    ("activation_batch", ("slice", "data", "fsdp")),
 )
 
 # Training with parameter sharding (FSDP-style): the largest axis of each weight is split over
 # the `fsdp` mesh axis, activations over both axes; XLA all-gathers the weights per layer.
 FSDP_RULES: Rules = (
-    ("activation_batch", ("data", "fsdp")),
+    ("activation_batch", ("slice", "data", "fsdp")),
     ("vocab", "fsdp"),
     ("mlp", "fsdp"),
     ("dense_hidden", "fsdp"),
@@ -93,6 +94,24 @@ def use_rules(mesh: Mesh, rules) -> Iterator[ShardingContext]:
         _current.reset(token)
 
 
+def per_batch_shard(f, nargs: int):
+    """``f`` applied to each device's rows (the leading ``activation_batch`` axis of its ``nargs``
+    arguments and of its result) through ``shard_map``, when a mesh of more than one device is current;
+    ``f`` itself otherwise. For Mosaic (Pallas TPU) kernels, which XLA cannot partition."""
+    ctx = _current.get()
+    if ctx is None or ctx.mesh.size == 1:
+        return f
+    spec = PartitionSpec(logical_to_spec(("activation_batch",), ctx.rules, ctx.mesh)[0])
+    return jax.shard_map(f, mesh=ctx.mesh, in_specs=(spec,) * nargs, out_specs=spec, check_vma=False)
+
+
+def current_platform() -> str | None:
+    """The platform ("tpu", "cpu", ...) of the mesh made current by ``use_rules``, else None: a step
+    compiled for a TPU slice from a CPU host (``tpu_compile``) is a TPU program."""
+    ctx = _current.get()
+    return None if ctx is None else ctx.mesh.devices.flat[0].platform
+
+
 def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
     """``with_sharding_constraint`` by logical names, when a rules context is active."""
     ctx = _current.get()
@@ -101,12 +120,30 @@ def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
     return jax.lax.with_sharding_constraint(x, ctx.sharding(names))
 
 
+def num_slices(devices=None) -> int:
+    """How many TPU slices ``devices`` (all devices by default) span (1 off multi-slice TPU jobs)."""
+    devices = list(devices if devices is not None else jax.devices())
+    return len({getattr(d, "slice_index", 0) or 0 for d in devices})
+
+
 def make_mesh(shape: tuple[int, int] | None = None, devices=None, axis_names=("data", "fsdp")) -> Mesh:
-    """A (data, fsdp) mesh over ``devices`` (all devices by default); shape defaults to (n, 1)."""
+    """A (data, fsdp) mesh over ``devices`` (all devices by default); shape defaults to (n, 1).
+
+    Devices of several slices (multi-slice TPU jobs) get a leading ``slice`` axis, as JAX's
+    multi-slice meshes do: (slice, data / slices, fsdp), each slice's devices in one row, so only
+    the data-parallel ``slice`` axis crosses the data-centre network."""
     devices = list(devices if devices is not None else jax.devices())
     shape = shape or (len(devices), 1)
     if int(np.prod(shape)) != len(devices):
         raise ValueError(f"mesh shape {shape} needs {int(np.prod(shape))} devices, have {len(devices)}")
+    slices = num_slices(devices)
+    if slices > 1:
+        if shape[0] % slices:
+            raise ValueError(f"mesh shape {shape}: the data axis {shape[0]} must be a multiple of the {slices} "
+                             "slices the devices span")
+        order = sorted(devices, key=lambda d: (getattr(d, "slice_index", 0) or 0, d.id))
+        return Mesh(np.asarray(order).reshape((slices, shape[0] // slices) + tuple(shape[1:])),
+                    ("slice",) + tuple(axis_names))
     return Mesh(np.asarray(devices).reshape(shape), axis_names)
 
 

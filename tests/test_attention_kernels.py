@@ -67,8 +67,21 @@ def test_cudnn_code_path_matches_xla(L, lengths, radius, dtype, atol):
 def test_splash_interpret_matches_xla(L, lengths, radius, dtype, atol):
     q, k, v, valid = _inputs(L, lengths, dtype, seed=1)
     ref = _run(attention.attend, q, k, v, valid, radius, dtype, "xla")
-    out = _run(attention.attend, q, k, v, valid, radius, dtype, "splash")  # dispatch through attention.attend
+    out = _run(attention_kernels.attend, q, k, v, valid, radius, dtype, "splash")  # the kernel itself, any L
     _check(out, ref, valid, atol)
+
+
+def test_splash_runs_only_where_whole_tiles_pay():
+    # Splash pads to 128-token tiles: from 128 tokens with at most 15% of the padded length as padding.
+    assert attention.kernel_for_length("splash", 12) == "xla"
+    assert attention.kernel_for_length("splash", 127) == "xla"
+    assert attention.kernel_for_length("splash", 128) == "splash"
+    assert attention.kernel_for_length("splash", 144) == "xla"  # 256 tiles, 44% padding
+    assert attention.kernel_for_length("splash", 224) == "splash"  # 256 tiles, 12.5% padding
+    assert attention.kernel_for_length("splash", 320) == "xla"  # 384 tiles, 16.7% padding
+    assert attention.kernel_for_length("splash", 2048) == "splash"
+    assert attention.kernel_for_length("xla", 2048) == "xla"
+    assert attention.kernel_for_length("cudnn", 12) == "cudnn"
 
 
 def test_cudnn_fp32_goes_to_the_xla_path():

@@ -40,7 +40,7 @@ def test_every_v5e_topology_is_complete():
         assert t.mesh_shape[0] * t.mesh_shape[1] == t.chips and t.dtype == "bfloat16"
         assert t.hosts * (t.chips // t.hosts) == t.chips
         assert set(t.rows_per_chip) == set(t.buckets) and t.buckets[-1] == 2048
-        assert dict(t.rules_table)["activation_batch"] == ("data", "fsdp")
+        assert dict(t.rules_table)["activation_batch"] == ("slice", "data", "fsdp")
 
 
 def test_rows_per_bucket_fit_16gb_hbm_and_the_token_budget():

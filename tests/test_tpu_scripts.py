@@ -57,16 +57,43 @@ def test_launch_dry_run_runs_embed_on_every_worker(topology, hosts):
             "--input", "gs://b/in/*.jsonl gs://b/more.jsonl", "--output", "gs://b/out", "--install", "--dry-run",
             "--", "--id-field", "doc id", "--dimensions", "256")
     assert r.returncode == 0, r.stderr
-    install, embed = commands(r.stdout)
+    build, copy, install, embed = commands(r.stdout)
     for cmd in (install, embed):
         assert cmd[:6] == ["gcloud", "compute", "tpus", "tpu-vm", "ssh", "emb"] and "--worker=all" in cmd
-    assert "pip install" in install[-1]
+    # The wheel of this checkout, copied to every worker, installed with the tpu extra: no package of
+    # this project's name from an index.
+    assert build[:4] == ["python3", "-m", "pip", "wheel"] and build[-1] == str(TPU.parent)
+    wheel = Path(copy[copy.index("scp") + 1])
+    assert copy[:5] == ["gcloud", "compute", "tpus", "tpu-vm", "scp"] and "--worker=all" in copy
+    assert wheel.parent == TPU.parent / "dist" and wheel.name.startswith("embeddinggemma_jax-") and wheel.suffix == ".whl"
+    pip = shlex.split(install[-1].split("=", 1)[1])
+    assert pip[:3] == ["pip", "install", "-U"] and pip[3:] == [f"./{wheel.name}[tpu,gcs]"]
     remote = shlex.split(embed[-1].split("=", 1)[1])  # what each worker's shell runs
     assert remote[:2] == ["embeddinggemma-jax", "embed"]
     assert remote[remote.index("--topology") + 1] == topology
     assert remote[remote.index("--input") + 1:remote.index("--input") + 3] == ["gs://b/in/*.jsonl", "gs://b/more.jsonl"]
     assert remote[remote.index("--id-field") + 1] == "doc id"  # extra args keep their quoting
     assert ("--multihost" in remote) == (hosts > 1)
+
+
+def test_launch_installs_only_a_wheel_or_url():
+    base = ["--name", "emb", "--zone", "z", "--topology", "v5litepod-4", "--input", "a", "--output", "b", "--install",
+            "--dry-run"]
+    r = run(str(TPU / "launch.sh"), *base, "--package", "embeddinggemma-jax")
+    assert r.returncode != 0 and "wheel file or a URL" in r.stderr
+    r = run(str(TPU / "launch.sh"), *base, "--package", "https://example.com/embeddinggemma_jax-0.1.0-py3-none-any.whl")
+    assert r.returncode == 0, r.stderr
+    (install, _) = commands(r.stdout)
+    assert shlex.split(install[-1].split("=", 1)[1])[3] == "https://example.com/embeddinggemma_jax-0.1.0-py3-none-any.whl[tpu,gcs]"
+
+
+def test_tpu_extra_pins_the_tested_jax():
+    import jax
+
+    tomllib = pytest.importorskip("tomllib")  # Python >= 3.11
+    extras = tomllib.loads((TPU.parent / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    assert extras["tpu"] == [f"jax[tpu]=={jax.__version__}"]
+    assert f"jax[tpu]=={jax.__version__}" in extras["test"]
 
 
 def test_scripts_refuse_bad_arguments():

@@ -3,18 +3,20 @@
 # Rerun the same command after a preemption or crash: the job resumes from its finished shards.
 #
 #   tpu/launch.sh --name NAME --zone ZONE --topology v5litepod-16 --input 'gs://b/in/*.jsonl' \
-#       --output gs://b/out [--project P] [--package SPEC] [--install] [--detach] [--dry-run] [-- EXTRA EMBED ARGS]
+#       --output gs://b/out [--project P] [--install [--package WHEEL_OR_URL]] [--detach] [--dry-run] [-- EMBED ARGS]
+# --install builds a wheel from this checkout, copies it to every worker and installs it with the tpu
+# and gcs extras (jax[tpu] at the tested JAX version); --package installs a wheel file or URL instead.
 set -euo pipefail
 # shellcheck source=tpu/common.sh
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 
 usage() {
-  sed -n '2,6p' "$0" | sed 's/^# \{0,1\}//'
+  sed -n '2,8p' "$0" | sed 's/^# \{0,1\}//'
   exit "${1:-0}"
 }
 
 NAME="" ZONE="" TOPOLOGY="" PROJECT="" INPUT="" OUTPUT="" INSTALL=0 DETACH=0
-PACKAGE="embeddinggemma-jax[tpu]"
+PACKAGE=""
 EMBED_EXTRA=()
 while [[ $# -gt 0 ]]; do
   case "$1" in
@@ -47,7 +49,23 @@ SSH=(gcloud compute tpus tpu-vm ssh "$NAME" --zone="$ZONE" --worker=all)
 [[ -n "$PROJECT" ]] && SSH+=("--project=$PROJECT")
 
 if [[ "$INSTALL" == 1 ]]; then
-  run "${SSH[@]}" --command="pip install -U $(printf '%q' "$PACKAGE") gcsfs"
+  EXTRAS="[tpu,gcs]"
+  if [[ -z "$PACKAGE" ]]; then
+    # A wheel of exactly this checkout; never a package of this name from an index.
+    ROOT="$(cd "$TPU_DIR/.." && pwd)"
+    VERSION="$(sed -n 's/^__version__ = "\(.*\)"/\1/p' "$ROOT/embeddinggemma_jax/version.py")"
+    [[ -n "$VERSION" ]] || die "cannot read the version from $ROOT/embeddinggemma_jax/version.py"
+    WHEEL="embeddinggemma_jax-$VERSION-py3-none-any.whl"
+    DIST="$ROOT/dist"
+    run python3 -m pip wheel --no-deps --no-build-isolation -w "$DIST" "$ROOT"
+    SCP=(gcloud compute tpus tpu-vm scp "$DIST/$WHEEL" "$NAME:$WHEEL" --zone="$ZONE" --worker=all)
+    [[ -n "$PROJECT" ]] && SCP+=("--project=$PROJECT")
+    run "${SCP[@]}"
+    PACKAGE="./$WHEEL"
+  elif [[ "$PACKAGE" != *://* && "$PACKAGE" != *.whl ]]; then
+    die "--package must be a wheel file or a URL of this project, got '$PACKAGE' (a bare name would install whatever an index has under it)"
+  fi
+  run "${SSH[@]}" --command="pip install -U $(printf '%q' "$PACKAGE$EXTRAS")"
 fi
 
 # The embed command as each worker runs it; globs in --input are expanded by the job itself

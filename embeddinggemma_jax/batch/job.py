@@ -228,17 +228,20 @@ def setup(o: EmbedOptions) -> JobContext:
     import jax
 
     from embeddinggemma_jax import EmbeddingGemma, topologies
-    from embeddinggemma_jax.distributed import ShardedEncoder
+    from embeddinggemma_jax.batch.step import ShardedEncoder
     from embeddinggemma_jax.head import check_dimensions
-    from embeddinggemma_jax.sharding import DATA_PARALLEL_RULES, make_mesh
+    from embeddinggemma_jax.sharding import DATA_PARALLEL_RULES, make_mesh, num_slices
 
     P, me = jax.process_count(), jax.process_index()
     topo = topologies.get(o.topology) if o.topology else None
-    if topo is not None and jax.device_count() != topo.chips:
-        raise JobError(f"topology {topo.name} has {topo.chips} chips but JAX sees {jax.device_count()} devices; "
-                       f"run on that slice (with --multihost on every worker) or pick the matching --topology")
+    slices = num_slices()  # a multi-slice job runs the topology on every slice, data parallel over them
+    if topo is not None and jax.device_count() != topo.chips * slices:
+        raise JobError(f"topology {topo.name} has {topo.chips} chips but JAX sees {jax.device_count()} devices "
+                       f"on {slices} slice(s); run on that slice (with --multihost on every worker) or pick the "
+                       f"matching --topology")
     dtype = o.dtype or (topo.dtype if topo else "float32")
-    mesh_shape = tuple(o.mesh) if o.mesh else (topo.mesh_shape if topo else (jax.device_count(), 1))
+    mesh_shape = tuple(o.mesh) if o.mesh else \
+        ((topo.mesh_shape[0] * slices, topo.mesh_shape[1]) if topo else (jax.device_count(), 1))
     rules = topo.rules_table if topo else DATA_PARALLEL_RULES
     inputs = expand_inputs(o.inputs)
     fmt = o.format or infer_format(inputs)

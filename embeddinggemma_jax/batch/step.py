@@ -22,10 +22,18 @@ from embeddinggemma_jax.sharding import logical_to_spec, state_shardings, use_ru
 
 
 class ShardedEncoder:
-    def __init__(self, model, mesh, rules):
+    """``model``: anything with ``graphdef``, ``state`` and ``attention_impl`` (an ``EmbeddingGemma``).
+    ``place=False`` keeps the state abstract (``ShapeDtypeStruct``s carrying their shardings): the
+    step can then only be compiled, e.g. for a TPU slice that is not there (``tpu_compile``)."""
+
+    def __init__(self, model, mesh, rules, *, place: bool = True):
         self.mesh, self.rules = mesh, tuple(rules)
         self.state_shardings = state_shardings(model.state, mesh, self.rules)
-        self.state = place_state(model.state, self.state_shardings)
+        if place:
+            self.state = place_state(model.state, self.state_shardings)
+        else:
+            self.state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                                      model.state, self.state_shardings)
         self.batch_sharding = NamedSharding(mesh, logical_to_spec(("activation_batch", "activation_length"),
                                                                   self.rules, mesh))
         self.out_sharding = NamedSharding(mesh, logical_to_spec(("activation_batch", None), self.rules, mesh))

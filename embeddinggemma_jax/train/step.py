@@ -187,8 +187,11 @@ class Trainable:
         return out
 
 
-def make_trainable(module: nnx.Module, cfg: TrainConfig, mesh: Mesh | None = None) -> tuple[Trainable, dict]:
-    """Split ``module`` (built with fp32 params), place it on the mesh; returns (Trainable, params)."""
+def make_trainable(module: nnx.Module, cfg: TrainConfig, mesh: Mesh | None = None,
+                   place: bool = True) -> tuple[Trainable, dict]:
+    """Split ``module`` (built with fp32 params), place it on the mesh; returns (Trainable, params).
+    ``place=False``: parameters stay abstract (``ShapeDtypeStruct``s with their shardings), for
+    compiling the step for devices that are not there (``tpu_compile``)."""
     if mesh is None:
         n = jax.device_count()
         mesh = shd.make_mesh(cfg.mesh_shape or ((1, n) if cfg.fsdp else (n, 1)))
@@ -197,8 +200,15 @@ def make_trainable(module: nnx.Module, cfg: TrainConfig, mesh: Mesh | None = Non
     tr_sh = shd.state_shardings(trainable, mesh, rules)
     fr_sh = shd.state_shardings(frozen, mesh, rules) if jax.tree.leaves(frozen) else frozen
     template = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), trainable)
-    params = place_state(trainable.to_pure_dict(), tr_sh.to_pure_dict())  # works across hosts
-    frozen = place_state(frozen, fr_sh) if jax.tree.leaves(frozen) else frozen
+    if place:
+        params = place_state(trainable.to_pure_dict(), tr_sh.to_pure_dict())  # works across hosts
+        frozen = place_state(frozen, fr_sh) if jax.tree.leaves(frozen) else frozen
+    else:
+        def abstract(tree, sh):
+            return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, sh)
+
+        params = abstract(trainable.to_pure_dict(), tr_sh.to_pure_dict())
+        frozen = abstract(frozen, fr_sh) if jax.tree.leaves(frozen) else frozen
     t = Trainable(graphdef, template, frozen, mesh, tuple(rules), tr_sh.to_pure_dict(), fr_sh)
     return t, params
 
@@ -223,6 +233,14 @@ def init_state(t: Trainable, params: dict, cfg: TrainConfig, tx: optax.GradientT
                               "rng": jax.random.PRNGKey(cfg.seed)},
                    out_shardings={k: shardings[k] for k in ("opt_state", "step", "rng")})(params)
     return dict(params=params, **rest), shardings
+
+
+def abstract_state(t: Trainable, params: dict, tx: optax.GradientTransformation):
+    """``init_state``'s result as ``ShapeDtypeStruct``s with their shardings (nothing computed)."""
+    shardings = state_shardings(t, params, tx)
+    shapes = {"params": params, "opt_state": jax.eval_shape(tx.init, params),
+              "step": jax.ShapeDtypeStruct((), jnp.int32), "rng": jax.eval_shape(lambda: jax.random.PRNGKey(0))}
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), shapes, shardings), shardings
 
 
 def state_shardings(t: Trainable, params: dict, tx: optax.GradientTransformation) -> dict:

@@ -1,0 +1,109 @@
+"""The TPU compiler on this host (libtpu, no TPU): the job's step and the train step compiled for v5e
+slices, their memory, and the HLO roofline's FLOP count against the model's own arithmetic."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from embeddinggemma_jax import backend
+
+if not backend.installed("libtpu"):
+    if os.environ.get("CI"):
+        pytest.fail("libtpu is not installed; the test extra brings it (jax[tpu])", pytrace=False)
+    pytest.skip("libtpu not installed (pip install -e '.[test]')", allow_module_level=True)
+
+from embeddinggemma_jax import tpu_compile as tc  # noqa: E402
+from embeddinggemma_jax.config import EncoderConfig  # noqa: E402
+from embeddinggemma_jax.costs import flops_per_token  # noqa: E402
+from embeddinggemma_jax.weights import read_folder_configs  # noqa: E402
+
+GIB = 1 << 30
+
+
+def test_roofline_counts_a_matmul_and_every_loop_iteration():
+    import jax
+    import jax.numpy as jnp
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    from embeddinggemma_jax.sharding import make_mesh
+
+    mesh = make_mesh((1, 1), tc.slice_devices(1))
+    s = NamedSharding(mesh, PartitionSpec())
+    a = jax.ShapeDtypeStruct((1024, 768), jnp.bfloat16, sharding=s)
+    w = jax.ShapeDtypeStruct((768, 1536), jnp.bfloat16, sharding=s)
+    one = tc.hlo_roofline(jax.jit(lambda a, w: a @ w).lower(a, w).compile().as_text())
+    assert one["flops"] == 2 * 1024 * 768 * 1536
+
+    w2 = jax.ShapeDtypeStruct((768, 768), jnp.bfloat16, sharding=s)
+
+    def loop(a, w):
+        return jax.lax.fori_loop(0, 7, lambda i, x: jnp.tanh(x @ w), a)
+
+    seven = tc.hlo_roofline(jax.jit(loop).lower(a, w2).compile().as_text())
+    assert seven["flops"] == 7 * 2 * 1024 * 768 * 768
+    assert 7 in [lp["trip_count"] for lp in seven["loops"]]
+    assert seven["seconds"] >= seven["flops"] / tc.V5E_PEAK_FLOPS
+
+
+def test_tiny_model_every_path_on_v5e_2x2(tiny_folder):
+    """Shortest bucket (XLA attention) and longest (splash through Mosaic), sliding and full layers."""
+    enc, head = read_folder_configs(tiny_folder)
+    assert any(enc.sliding_flags) and not all(enc.sliding_flags)
+    out = tc.compile_job("v5litepod-4", [12, head.max_seq_length], model=str(tiny_folder),
+                         rows={12: 16, head.max_seq_length: 8}, log=lambda _: None)
+    assert out["fits"] and out["chips"] == 4 and out["hosts"] == 1 and out["mesh"] == {"data": 4, "fsdp": 1}
+    short, long_ = out["buckets"]
+    assert (short["attention"], long_["attention"]) == ("xla", "splash")
+    assert short["mosaic_kernels"] == 0 and long_["mosaic_kernels"] >= 1  # the real kernel, not interpret mode
+    for b in out["buckets"]:
+        L, tokens = b["length"], b["rows_per_chip"] * b["length"]
+        assert 0 < b["hbm_bytes"] < 16 * GIB
+        assert enc.num_layers in b["loop_trip_counts"]  # the scanned layers, counted num_layers times
+        assert b["flops_per_chip"] >= 0.98 * flops_per_token(enc, L) * tokens
+        assert b["projected_seconds"] >= b["flops_per_chip"] / tc.V5E_PEAK_FLOPS
+    # XLA attention counts the band exactly; splash is bounded by full attention on every layer.
+    assert short["flops_per_chip"] <= 1.05 * flops_per_token(enc, 12) * short["rows_per_chip"] * 12
+
+
+def test_multi_host_and_multi_slice_meshes(tiny_folder):
+    out = tc.compile_job("v5litepod-16", [12], model=str(tiny_folder), rows={12: 8}, log=lambda _: None)
+    assert out["hosts"] == 4 and out["chips"] == 16 and out["mesh"] == {"data": 16, "fsdp": 1} and out["fits"]
+    two = tc.compile_job("v5litepod-16", [12], model=str(tiny_folder), num_slices=2, rows={12: 8}, log=lambda _: None)
+    assert two["chips"] == 32 and two["hosts"] == 8 and two["mesh"] == {"slice": 2, "data": 16, "fsdp": 1}
+    # data parallel over the slices: the same per-chip program and memory as one slice
+    assert two["buckets"][0]["hbm_bytes"] == out["buckets"][0]["hbm_bytes"]
+
+
+@pytest.mark.slow
+def test_real_shapes_shortest_and_longest_bucket_of_v5litepod_4():
+    out = tc.compile_job("v5litepod-4", [12, 2048], log=lambda _: None)
+    assert out["fits"]
+    cfg = EncoderConfig()
+    for b in out["buckets"]:
+        assert b["hbm_bytes"] <= tc.HBM_MARGIN * 16 * GIB
+        assert cfg.num_layers in b["loop_trip_counts"]
+        assert b["flops_per_chip"] >= 0.98 * flops_per_token(cfg, b["length"]) * b["tokens_per_chip"]
+
+
+def test_cli_is_quiet_and_writes_json(tiny_folder, tmp_path):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TPU_") and k != "JAX_PLATFORMS"}
+    r = subprocess.run([sys.executable, "-m", "embeddinggemma_jax.cli", "tpu-compile", "--topology", "v5litepod-4",
+                        "--model", str(tiny_folder), "--buckets", "12", "--json", str(tmp_path / "o.json")],
+                       capture_output=True, text=True, env=env, timeout=600)
+    assert r.returncode == 0 and r.stderr == "", r.stderr  # no libtpu warnings on a CPU host
+    out = json.loads((tmp_path / "o.json").read_text())
+    assert out["topology"] == "v5litepod-4"
+    (b,) = out["buckets"]
+    assert {"length", "rows_per_chip", "hbm_bytes", "flops_per_chip", "projected_tokens_per_second_per_chip",
+            "projection_method", "attention"} <= set(b)
+    m = b["memory"]
+    assert b["hbm_bytes"] == m["argument"] + m["output"] + m["temp"] + m["generated_code"] - m["alias"]
+    r = subprocess.run([sys.executable, "-m", "embeddinggemma_jax.cli", "tpu-compile", "--topology", "v5litepod-4",
+                        "--model", str(tiny_folder), "--buckets", "13"], capture_output=True, text=True, env=env,
+                       timeout=600)
+    assert r.returncode == 1 and len(r.stderr.strip().splitlines()) == 1 and "bucket 13" in r.stderr
