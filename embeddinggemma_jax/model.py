@@ -131,6 +131,18 @@ class EmbeddingGemma:
         model.hf_config = hf_config
         return model
 
+    def quantized(self, mode: str, **kw) -> "EmbeddingGemma":
+        """A copy of this float model quantized as ``mode`` (its parameters are not copied or changed)."""
+        if self.quantize is not None:
+            raise ConfigError(f"this model is already quantized ({self.quantize!r}); quantize the float model")
+        module = quant.quantize_module(self.module, quant.check_mode(mode))
+        kw.setdefault("max_batch_tokens", self.max_batch_tokens)
+        kw.setdefault("attention_impl", self.attention_impl)
+        model = type(self)(module, self.encoder_config, self.head_config, self.tokenizer, dtype=self.dtype,
+                           length_buckets=self.length_buckets, source=self.source, quantize=mode, **kw)
+        model.hf_config = self.hf_config
+        return model
+
     @property
     def max_batch_tokens(self) -> int | None:
         """Cap on rows x length of a batch (None: no cap); "auto" when set picks the backend's default."""
