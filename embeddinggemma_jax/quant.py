@@ -147,9 +147,19 @@ class QuantizedWeight(nnx.Module):
     """A quantized weight: ``q`` (int8 or int4) and fp32 ``scale``, with the static layout to read them."""
 
     def __init__(self, q: jax.Array, scale: jax.Array, axes: tuple[int, ...], block: int | None, bits: int,
-                 act_bits: int | None, layered: bool):
-        self.q = nnx.Param(q)
-        self.scale = nnx.Param(scale)
+                 act_bits: int | None, layered: bool, names: tuple[str | None, ...] | None = None):
+        """``names``: the logical axes of the float weight (leading "layers" included when ``layered``):
+        ``q`` keeps them; the scales keep those of the output axes only (their contraction axes are 1
+        or a count of blocks, which a mesh axis need not divide)."""
+        if names is None:
+            self.q, self.scale = nnx.Param(q), nnx.Param(scale)
+        else:
+            off = 1 if layered else 0
+            s_names = [None if i - off in axes else n for i, n in enumerate(names)]
+            if block is not None:
+                s_names.insert(axes[-1] + off + 1, None)
+            self.q = nnx.Param(q, sharding_names=tuple(names), eager_sharding=False)
+            self.scale = nnx.Param(scale, sharding_names=tuple(s_names), eager_sharding=False)
         self.axes, self.block, self.bits, self.act_bits = tuple(axes), block, bits, act_bits
         self.layered = layered  # built on a stacked [layers, ...] weight (axes are per layer)
 
@@ -206,7 +216,8 @@ def quantize_module(module, mode: str):
         spec = specs[kind]
         q, scale = quantize_array(var[...], tuple(a + offset for a in axes), spec)
         act_bits = 8 if act and kind != "embed" else None
-        setattr(parent, path[-1], QuantizedWeight(q, scale, axes, spec.block, spec.bits, act_bits, layered))
+        names = var.get_metadata().get("out_sharding")
+        setattr(parent, path[-1], QuantizedWeight(q, scale, axes, spec.block, spec.bits, act_bits, layered, names))
     return module
 
 

@@ -181,3 +181,59 @@ def test_quantized_checkpoint_round_trip(tiny_folder, tiny_float, tmp_path):
 def test_unknown_mode_is_refused(tiny_folder):
     with pytest.raises(ConfigError, match="unknown quantization mode 'int2'"):
         EmbeddingGemma.from_pretrained(tiny_folder, quantize="int2")
+
+
+# ----------------------------------------------------------------------------- the commands
+def test_encode_convert_and_embed_take_quantize(tiny_folder, tiny_float, tmp_path, capsys):
+    import json
+
+    from embeddinggemma_jax.batch import shards
+    from embeddinggemma_jax.cli import main
+
+    want = tiny_float.quantized("int8").encode(TEXTS[:2], prompt_name="query")
+    assert main(["encode", "--model", str(tiny_folder), "--quantize", "int8", "--prompt-name", "query", *TEXTS[:2]]) == 0
+    got = np.asarray(json.loads(capsys.readouterr().out))
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-6)
+
+    ckpt = tmp_path / "q.orbax"
+    assert main(["convert", "--model", str(tiny_folder), "--output", str(ckpt), "--quantize", "mixed"]) == 0
+    assert "quantized mixed" in capsys.readouterr().out
+    back = EmbeddingGemma.from_pretrained(ckpt)
+    assert back.quantize == "mixed"
+    np.testing.assert_array_equal(back.encode(TEXTS), tiny_float.quantized("mixed").encode(TEXTS))
+
+    corpus = tmp_path / "in.jsonl"
+    corpus.write_text("".join(json.dumps({"text": t}) + "\n" for t in TEXTS[:3]))
+    assert main(["embed", "--model", str(tiny_folder), "--quantize", "int8-weights", "--input", str(corpus),
+                 "--output", str(tmp_path / "out")]) == 0
+    _, emb = shards.load_all(tmp_path / "out")
+    want = tiny_float.quantized("int8-weights").encode(TEXTS[:3], prompt_name="document")
+    np.testing.assert_allclose(emb, want, rtol=0, atol=1e-5)
+
+
+def test_parity_quantize_uses_the_mode_threshold(tiny_folder, tmp_path, capsys):
+    import json
+
+    from conversion.parity import QUANT_MIN_COSINE
+    from embeddinggemma_jax.cli import main
+
+    texts = tmp_path / "t.json"
+    texts.write_text(json.dumps(TEXTS))
+    for mode in ("int8-weights", "mixed"):
+        report = tmp_path / f"{mode}.json"
+        main(["parity", "--model", str(tiny_folder), "--texts", str(texts), "--quantize", mode, "--report", str(report)])
+        r = json.loads(report.read_text())
+        assert r["quantize"] == mode and r["min_cosine_threshold"] == QUANT_MIN_COSINE[mode]
+        assert r["summary"]["min_cosine"] < 0.99999  # quantized: no longer the fp32 port's agreement
+    assert QUANT_MIN_COSINE["mixed"] is None and "measured only" in capsys.readouterr().out
+
+
+def test_embed_refuses_int4_modes_in_one_line(tiny_folder, tmp_path, capsys):
+    from embeddinggemma_jax.cli import main
+
+    corpus = tmp_path / "in.jsonl"
+    corpus.write_text('{"text": "a"}\n')
+    assert main(["embed", "--model", str(tiny_folder), "--quantize", "mixed", "--input", str(corpus),
+                 "--output", str(tmp_path / "out")]) != 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert "int4 weights" in err[-1] and "int8-weights" in err[-1]
