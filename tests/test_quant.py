@@ -237,3 +237,29 @@ def test_embed_refuses_int4_modes_in_one_line(tiny_folder, tmp_path, capsys):
                  "--output", str(tmp_path / "out")]) != 0
     err = capsys.readouterr().err.strip().splitlines()
     assert "int4 weights" in err[-1] and "int8-weights" in err[-1]
+
+
+# ----------------------------------------------------------------------------- the real weights
+@pytest.mark.real
+@pytest.mark.slow
+def test_real_modes_against_fp32(real_model):
+    """Every mode on short texts and a 2,048-token text against the fp32 model (which matches
+    sentence-transformers, test_api): int8-weights >= 0.999 and int8 >= 0.99 min cosine (issue 16);
+    mixed and int4 have no cosine gate, but must still rank the model card's answer first. (On the
+    full builtin set int8 falls to 0.98469 on the truncated repetitive text: README, Quantized inference.)"""
+    from conversion.parity import SHORT_CASES, _PROSE
+    from embeddinggemma_jax.cli import DEMO_DOCUMENTS, DEMO_QUERY
+
+    long = real_model.tokenizer.encode([_PROSE * 40])[0]
+    assert len(long) == 2048
+    texts = [t for _, t in SHORT_CASES] + [_PROSE * 40]
+    ref = real_model.encode(texts)
+    gates = {"int8-weights": 0.999, "int8": 0.99}
+    for mode in quant.MODE_NAMES:
+        model = real_model.quantized(mode)
+        cos = np.sum(model.encode(texts) * ref, axis=-1)
+        print(f"{mode}: min cosine {cos.min():.5f} (2048 tokens: {cos[-1]:.5f})")
+        if mode in gates:
+            assert cos.min() >= gates[mode], (mode, cos)
+        sims = model.similarity(model.encode_query(DEMO_QUERY), model.encode_document(DEMO_DOCUMENTS))[0]
+        assert int(np.argmax(sims)) == 1, (mode, sims)
