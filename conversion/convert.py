@@ -23,15 +23,18 @@ EXPORT_DESCRIPTION = ("Write a complete sentence-transformers folder (model.safe
                       "tokenizer, prompts) from an Orbax checkpoint; SentenceTransformer(OUTPUT) loads it.")
 
 
-def convert(name_or_path: str | os.PathLike, out_dir: str | os.PathLike, param_dtype: str = "float32") -> Path:
-    """A sentence-transformers folder (or hub id, or checkpoint) -> an Orbax checkpoint folder."""
+def convert(name_or_path: str | os.PathLike, out_dir: str | os.PathLike, param_dtype: str = "float32",
+            quantize: str | None = None) -> Path:
+    """A sentence-transformers folder (or hub id, or checkpoint) -> an Orbax checkpoint folder. With
+    ``quantize`` the checkpoint holds that mode's integer weights and scales (``quant``)."""
     from embeddinggemma_jax import EmbeddingGemma, hub
     from embeddinggemma_jax.config import check_dtype
 
     src = hub.resolve(name_or_path)
     if Path(out_dir).resolve() == src.resolve():
         raise ValueError(f"--output {out_dir} is the source folder itself; choose a new folder")
-    model = EmbeddingGemma.from_pretrained(src, dtype="float32", param_dtype=check_dtype(param_dtype))
+    model = EmbeddingGemma.from_pretrained(src, dtype="float32", param_dtype=check_dtype(param_dtype),
+                                           quantize=quantize)
     return model.save_checkpoint(out_dir)
 
 
@@ -58,8 +61,9 @@ def export(checkpoint_dir: str | os.PathLike, out_dir: str | os.PathLike, dtype:
 
 def cmd_convert(args) -> int:
     t0 = time.perf_counter()
-    out = convert(args.model, args.output, param_dtype=args.param_dtype)
-    print(f"wrote Orbax checkpoint {out} from {args.model} ({args.param_dtype} parameters, "
+    out = convert(args.model, args.output, param_dtype=args.param_dtype, quantize=args.quantize)
+    print(f"wrote Orbax checkpoint {out} from {args.model} ({args.param_dtype} parameters"
+          + (f", quantized {args.quantize}" if args.quantize else "") + ", "
           f"{time.perf_counter() - t0:.1f} s)")
     return 0
 
@@ -77,6 +81,10 @@ def add_convert_arguments(p) -> None:
     p.add_argument("--output", required=True, help="checkpoint folder to write (written atomically)")
     p.add_argument("--param-dtype", default="float32", choices=["float32", "bfloat16"],
                    help="dtype of the stored parameters (default: float32, lossless)")
+    from embeddinggemma_jax.quant import MODE_NAMES
+
+    p.add_argument("--quantize", default=None, choices=MODE_NAMES,
+                   help="store that mode's integer weights and scales (default: none); loads quantized")
 
 
 def add_export_arguments(p) -> None:

@@ -15,7 +15,7 @@ from flax import nnx
 
 from embeddinggemma_jax import attention_kernels
 from embeddinggemma_jax.attention_xla import xla_attention
-from embeddinggemma_jax.layers import RMSNorm, apply_rope, param, precision_for
+from embeddinggemma_jax.layers import RMSNorm, apply_rope, param, precision_for, weight_matmul
 from embeddinggemma_jax.sharding import constrain
 
 IMPLS = ("xla",) + attention_kernels.IMPLS
@@ -79,9 +79,9 @@ class Attention(nnx.Module):
         """x: [B, L, D]; rope: (cos, sin) each [L, H]; radius None for full attention."""
         dt, p = self.dtype, precision_for(self.dtype)
         B, L, _ = x.shape
-        q = jnp.einsum("BLD,DNH->BLNH", x, self.q_proj[...].astype(dt), precision=p)
-        k = jnp.einsum("BLD,DKH->BLKH", x, self.k_proj[...].astype(dt), precision=p)
-        v = jnp.einsum("BLD,DKH->BLKH", x, self.v_proj[...].astype(dt), precision=p)
+        q = weight_matmul("BLD,DNH->BLNH", x, self.q_proj, dt, p)
+        k = weight_matmul("BLD,DKH->BLKH", x, self.k_proj, dt, p)
+        v = weight_matmul("BLD,DKH->BLKH", x, self.v_proj, dt, p)
         # q/k norms come before RoPE, as in Gemma-3.
         q = apply_rope(self.q_norm(q), *rope)
         k = apply_rope(self.k_norm(k), *rope)
@@ -90,7 +90,7 @@ class Attention(nnx.Module):
         q = constrain(q, ("activation_batch", "activation_length", "activation_kv_heads", None, "activation_head_dim"))
         out = attend(q, k, v, key_valid, radius, dt, impl)  # [B, L, K, G, H]
         out = out.reshape(B, L, self.num_kv_heads * self.num_groups, -1)
-        return jnp.einsum("BLNH,NHD->BLD", out, self.o_proj[...].astype(dt), precision=p)
+        return weight_matmul("BLNH,NHD->BLD", out, self.o_proj, dt, p)
 
 
 __all__ = ["Attention", "attend", "select_impl", "kernel_for_length", "IMPLS"]

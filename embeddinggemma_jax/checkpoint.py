@@ -74,17 +74,20 @@ def _param_table(state: nnx.State) -> dict[str, list]:
 
 def _fingerprint(marker: dict[str, Any]) -> str:
     body = {k: marker[k] for k in ("format", "format_version", "encoder", "head", "params", "checkpoint_id")}
+    if marker.get("quantize") is not None:  # absent in float checkpoints (their fingerprints stay as they were)
+        body["quantize"] = marker["quantize"]
     return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
 
 
 # ----------------------------------------------------------------------------- save
 def save_checkpoint(out_dir: str | os.PathLike, state: nnx.State, enc: EncoderConfig, head: HeadConfig,
                     tokenizer_dir: str | os.PathLike, hf_config: dict | None = None,
-                    source: str | None = None) -> Path:
+                    source: str | None = None, quantize: str | None = None) -> Path:
     """Write ``state`` (an nnx.State of parameters, possibly sharded) as an Orbax checkpoint folder.
 
     ``tokenizer_dir`` holds tokenizer.json (and friends); ``hf_config`` is the source config.json,
-    kept verbatim so an export writes it back unchanged (``sliding_window`` stays 512).
+    kept verbatim so an export writes it back unchanged (``sliding_window`` stays 512). ``quantize``:
+    the ``quant`` mode of a quantized ``state`` (its integer values and scales are stored as they are).
     """
     import orbax.checkpoint as ocp
 
@@ -103,6 +106,8 @@ def save_checkpoint(out_dir: str | os.PathLike, state: nnx.State, enc: EncoderCo
         "params": _param_table(state),
         "checkpoint_id": uuid.uuid4().hex,
     }
+    if quantize is not None:  # the quant mode whose QuantizedWeight layout ``params`` holds
+        marker["quantize"] = quantize
     marker["fingerprint"] = _fingerprint(marker)
     marker["source"] = source
     with atomic_dir(out_dir) as tmp:

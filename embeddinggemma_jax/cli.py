@@ -28,6 +28,14 @@ def add_model_args(p: argparse.ArgumentParser, dtype_default: str = "float32") -
                    help=f"model folder, Orbax checkpoint or hub id (default: {DEFAULT_MODEL})")
     p.add_argument("--dtype", default=dtype_default, choices=["float32", "bfloat16"],
                    help=f"compute dtype (default: {dtype_default}); float16 is unsupported (activations overflow)")
+    add_quantize_arg(p)
+
+
+def add_quantize_arg(p: argparse.ArgumentParser) -> None:
+    from embeddinggemma_jax.quant import MODE_NAMES
+
+    p.add_argument("--quantize", default=None, choices=MODE_NAMES,
+                   help="post-training quantization of the weights (README, Quantized inference; default: none)")
 
 
 def add_demo_arguments(p) -> None:
@@ -68,7 +76,7 @@ DEMO_DOCUMENTS = [
 def cmd_demo(args) -> int:
     from embeddinggemma_jax import EmbeddingGemma
 
-    model = EmbeddingGemma.from_pretrained(args.model, dtype=args.dtype)
+    model = EmbeddingGemma.from_pretrained(args.model, dtype=args.dtype, quantize=args.quantize)
     q = model.encode_query(DEMO_QUERY)
     d = model.encode_document(DEMO_DOCUMENTS)
     print(f"query: {DEMO_QUERY!r}")
@@ -101,7 +109,7 @@ def cmd_encode(args) -> int:
 
     texts = check_texts(args.texts, lambda i: f"TEXT argument {i + 1}") if args.texts else \
         check_texts(read_stdin_lines(), lambda i: f"stdin line {i + 1}")
-    model = EmbeddingGemma.from_pretrained(args.model, dtype=args.dtype)
+    model = EmbeddingGemma.from_pretrained(args.model, dtype=args.dtype, quantize=args.quantize)
     emb = model.encode(texts, prompt_name=args.prompt_name, prompt=args.prompt, dimensions=args.dimensions,
                        normalize=False if args.no_normalize else None, batch_size=args.batch_size)
     json.dump(emb.tolist(), sys.stdout)

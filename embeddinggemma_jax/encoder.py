@@ -17,7 +17,7 @@ from flax import nnx
 
 from embeddinggemma_jax.attention import Attention
 from embeddinggemma_jax.config import EncoderConfig
-from embeddinggemma_jax.layers import MLP, RMSNorm, param, rope_tables
+from embeddinggemma_jax.layers import MLP, RMSNorm, param, rope_tables, take_rows
 from embeddinggemma_jax.sharding import constrain
 
 ACTIVATION_BLD = ("activation_batch", "activation_length", "activation_embed")  # the residual stream [B, L, D]
@@ -70,7 +70,7 @@ class Encoder(nnx.Module):
     def embed(self, ids: jax.Array) -> jax.Array:
         """ids: [B, L] -> [B, L, D]. The sqrt(D) scale is cast to the compute dtype first, as in
         the reference (in bf16 it is 27.75, not 27.7128)."""
-        h = jnp.take(self.embed_tokens[...], ids, axis=0).astype(self.dtype)
+        h = take_rows(self.embed_tokens, ids).astype(self.dtype)
         return h * jnp.asarray(math.sqrt(self.cfg.hidden_size), self.dtype)
 
     def __call__(self, ids, mask, *, impl: str = "xla", return_hidden: bool = False, remat: bool = False):

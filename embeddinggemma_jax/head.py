@@ -13,7 +13,8 @@ from flax import nnx
 
 from embeddinggemma_jax.config import EncoderConfig, HeadConfig
 from embeddinggemma_jax.encoder import Encoder
-from embeddinggemma_jax.layers import param
+from embeddinggemma_jax.layers import param, weight_matmul
+from embeddinggemma_jax.quant import quantize_module
 
 MIN_DIMENSIONS, MAX_DIMENSIONS = 32, 8192
 _HI = jax.lax.Precision.HIGHEST
@@ -43,8 +44,8 @@ class Head(nnx.Module):
 
     def __call__(self, pooled: jax.Array) -> jax.Array:
         """pooled [B, D] fp32 -> Dense head output [B, out] fp32 (not normalised)."""
-        x = jnp.einsum("BD,DE->BE", pooled, self.dense1[...].astype(jnp.float32), precision=_HI)
-        return jnp.einsum("BE,EO->BO", x, self.dense2[...].astype(jnp.float32), precision=_HI)
+        x = weight_matmul("BD,DE->BE", pooled, self.dense1, jnp.float32, _HI)
+        return weight_matmul("BE,EO->BO", x, self.dense2, jnp.float32, _HI)
 
 
 class EmbeddingGemmaModule(nnx.Module):
@@ -62,10 +63,16 @@ class EmbeddingGemmaModule(nnx.Module):
         return self.head(mean_pool(tokens, mask))
 
 
-def abstract_module(enc: EncoderConfig, head: HeadConfig, dtype="float32", param_dtype="float32"):
-    """The model with ShapeDtypeStruct leaves: shapes, logical axes and parameter count without allocating."""
-    return nnx.eval_shape(lambda: EmbeddingGemmaModule(enc, head, dtype=jnp.dtype(dtype),
-                                                       param_dtype=jnp.dtype(param_dtype), rngs=nnx.Rngs(0)))
+def abstract_module(enc: EncoderConfig, head: HeadConfig, dtype="float32", param_dtype="float32",
+                    quantize: str | None = None):
+    """The model with ShapeDtypeStruct leaves: shapes, logical axes and parameter count without allocating.
+    With ``quantize``, the layout of that ``quant`` mode (integer values and scales)."""
+    def build():
+        module = EmbeddingGemmaModule(enc, head, dtype=jnp.dtype(dtype), param_dtype=jnp.dtype(param_dtype),
+                                      rngs=nnx.Rngs(0))
+        return quantize_module(module, quantize) if quantize else module
+
+    return nnx.eval_shape(build)
 
 
 def count_params(module_or_state) -> int:

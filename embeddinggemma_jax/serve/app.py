@@ -60,7 +60,8 @@ class Service:
             t0 = time.perf_counter()
             if self.model is None:
                 cap = resolve_max_batch_tokens(c.max_batch_tokens, cpu=SERVE_CPU_MAX_BATCH_TOKENS)
-                self.model = EmbeddingGemma.from_pretrained(c.model, dtype=c.dtype, max_batch_tokens=cap)
+                self.model = EmbeddingGemma.from_pretrained(c.model, dtype=c.dtype, max_batch_tokens=cap,
+                                                            quantize=c.quantize)
             log.info("loaded %s (%s) in %.1f s: dtype %s, %d %s device(s)", c.model, self.model.source,
                      time.perf_counter() - t0, self.model.dtype, jax.local_device_count(), jax.default_backend())
             self.worker = BatchingWorker(self.model, batch_size=c.batch_size, max_wait=c.max_wait_ms / 1000.0,

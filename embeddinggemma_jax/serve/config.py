@@ -10,6 +10,7 @@ from pathlib import Path
 from embeddinggemma_jax.bench import parse_max_batch_tokens
 from embeddinggemma_jax.hub import DEFAULT_MODEL
 from embeddinggemma_jax.options import option
+from embeddinggemma_jax.quant import MODE_NAMES
 
 # The server's cap on a CPU batch (rows x padded length). Every text runs in its bucket's one fixed shape,
 # so rows no text fills are computed as padding: small batches waste little when few texts of a bucket
@@ -38,6 +39,8 @@ def _tokens(text: str):
 class ServeOptions:
     model: str = option(DEFAULT_MODEL, "model folder, Orbax checkpoint or hub id")
     dtype: str = option("float32", "compute dtype", choices=["float32", "bfloat16"])
+    quantize: str | None = option(None, "post-training quantization of the weights (default: none)",
+                                  choices=list(MODE_NAMES))
     host: str = option("127.0.0.1", "address to listen on (127.0.0.1: this machine only; 0.0.0.0: every interface)")
     port: int = option(8000, "TCP port")
     served_model_name: str | None = option(None, "the name clients send as 'model' (default: the hub id, or the "

@@ -1,0 +1,265 @@
+"""Quantized inference (``quant``): the quantizer and the quantized matmuls against a numpy
+fake-quantization written here independently, whole tiny models against a float model holding the
+numpy fake-quantized weights, the quantized Orbax round trip, and the real weights against fp32."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import jax.numpy as jnp
+
+from embeddinggemma_jax import quant
+from embeddinggemma_jax.errors import ConfigError
+from embeddinggemma_jax.model import EmbeddingGemma
+from embeddinggemma_jax.weights import iter_params
+
+WEIGHT_ONLY = [m for m in quant.MODE_NAMES if not quant.MODES[m][1]]
+
+
+# ----------------------------------------------------------------------------- numpy reference
+def np_fake_quant(w: np.ndarray, axes: tuple[int, ...], bits: int, block: int | None) -> tuple[np.ndarray, np.ndarray]:
+    """(integer values, dequantized float64 weight): symmetric absmax per channel or per block of
+    ``block`` values along the last contraction axis, one group at a time."""
+    qmax = 2 ** (bits - 1) - 1
+    w = np.asarray(w, np.float64)
+    q = np.zeros(w.shape, np.int64)
+    deq = np.zeros(w.shape, np.float64)
+    a = axes[-1]
+    # per channel a group spans every contraction axis; a block lies along the last one only
+    other = [i for i in range(w.ndim) if (i not in axes if block is None else i != a)]
+    for idx in np.ndindex(*[w.shape[i] for i in other]):
+        sel = [slice(None)] * w.ndim
+        for i, v in zip(other, idx):
+            sel[i] = v
+        starts = [0] if block is None else range(0, w.shape[a], block)
+        for s0 in starts:
+            g = list(sel)
+            if block is not None:
+                g[a] = slice(s0, s0 + block)
+            g = tuple(g)
+            # the scale as the JAX code forms it: fp32 max / qmax in fp32
+            amax = np.float32(np.abs(w[g].astype(np.float32)).max())
+            scale = np.float64(amax / np.float32(qmax)) if amax > 0 else 1.0
+            qq = np.clip(np.round(w[g].astype(np.float32) / np.float32(scale)), -qmax, qmax)
+            q[g] = qq
+            deq[g] = qq * scale
+    return q, deq
+
+
+def np_act_quant(x: np.ndarray, axes: tuple[int, ...]):
+    x = np.asarray(x, np.float32)
+    amax = np.abs(x).max(axis=axes, keepdims=True)
+    scale = np.where(amax > 0, amax / np.float32(127.0), np.float32(1.0)).astype(np.float32)
+    return np.clip(np.round(x / scale), -127, 127).astype(np.int64), scale.astype(np.float64)
+
+
+CASES = [  # (einsum, x shape, w shape, contraction axes of w)
+    ("BLD,DNH->BLNH", (2, 5, 48), (48, 3, 16), (0,)),
+    ("BLNH,NHD->BLD", (2, 5, 3, 40), (3, 40, 48), (0, 1)),  # blocks of 32 over H = 40: a short last block
+    ("BLD,DF->BLF", (2, 5, 71), (71, 37), (0,)),
+    ("BD,DE->BE", (4, 48), (48, 187), (0,)),
+]
+
+
+@pytest.mark.parametrize("spec", [quant.Spec(8, 32), quant.Spec(8, None), quant.Spec(4, 32), quant.Spec(4, None)],
+                         ids=str)
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c[0])
+def test_weight_only_matmul_equals_numpy_fake_quant(spec, case):
+    eq, xs, ws, axes = case
+    rng = np.random.default_rng(0)
+    x, w = rng.normal(size=xs).astype(np.float32), rng.normal(size=ws).astype(np.float32)
+    q, scale = quant.quantize_array(jnp.asarray(w), axes, spec)
+    q_ref, deq_ref = np_fake_quant(w, axes, spec.bits, spec.block)
+    np.testing.assert_array_equal(np.asarray(q, np.int64), q_ref)
+    assert q.dtype == (jnp.int8 if spec.bits == 8 else jnp.int4)
+    qw = quant.QuantizedWeight(q, scale, axes, spec.block, spec.bits, None, False)
+    np.testing.assert_allclose(np.asarray(qw.dequantize(jnp.float32)), deq_ref, rtol=1e-6, atol=0)
+    import jax
+    got = np.asarray(qw.einsum(eq, jnp.asarray(x), jnp.float32, jax.lax.Precision.HIGHEST))
+    want = np.einsum(eq, x.astype(np.float64), deq_ref)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c[0])
+def test_int8_activation_matmul_is_exact_integer_product(case):
+    eq, xs, ws, axes = case
+    rng = np.random.default_rng(1)
+    x, w = rng.normal(size=xs).astype(np.float32), rng.normal(size=ws).astype(np.float32)
+    q, scale = quant.quantize_array(jnp.asarray(w), axes, quant.Spec(8, None))
+    q_ref, _ = np_fake_quant(w, axes, 8, None)
+    w_scale = np.abs(w).max(axis=axes, keepdims=True).astype(np.float32) / np.float32(127)
+    x_ax = tuple(range(len(xs) - len(axes), len(xs)))
+    xq, x_scale = np_act_quant(x, x_ax)
+    acc = np.einsum(eq, xq, q_ref)  # exact in int64
+    want = acc * x_scale.reshape(x_scale.shape[:len(xs) - len(axes)] + (1,) * (len(ws) - len(axes))) \
+        * w_scale.reshape(ws[len(axes):]).astype(np.float64)
+    qw = quant.QuantizedWeight(q, scale, axes, None, 8, 8, False)
+    got = np.asarray(qw.einsum(eq, jnp.asarray(x), jnp.float32, None))
+    # the int32 accumulation is exact; only the two fp32 rescaling multiplications round
+    np.testing.assert_allclose(got, want, rtol=3e-7, atol=0)
+
+
+def test_embedding_rows_dequantize_like_numpy():
+    rng = np.random.default_rng(2)
+    table = rng.normal(size=(50, 48)).astype(np.float32)
+    ids = np.array([[3, 0, 49], [7, 7, 1]])
+    for spec in (quant.Spec(8, 32), quant.Spec(4, None)):
+        q, scale = quant.quantize_array(jnp.asarray(table), (1,), spec)
+        _, deq = np_fake_quant(table, (1,), spec.bits, spec.block)
+        qw = quant.QuantizedWeight(q, scale, (1,), spec.block, spec.bits, None, False)
+        np.testing.assert_allclose(np.asarray(qw.take_rows(jnp.asarray(ids))), deq[ids], rtol=1e-6, atol=0)
+
+
+# ----------------------------------------------------------------------------- whole tiny models
+TEXTS = ["hello world", "", "The red planet is Mars; it has two moons.", "机器学习 🙂"]  # one length bucket
+
+
+@pytest.fixture(scope="module")
+def tiny_float(tiny_folder):
+    return EmbeddingGemma.from_pretrained(tiny_folder)
+
+
+@pytest.mark.parametrize("mode", WEIGHT_ONLY)
+def test_tiny_weight_only_model_equals_float_model_with_numpy_fake_quant_weights(tiny_folder, tiny_float, mode):
+    specs, _ = quant.MODES[mode]
+    fq = EmbeddingGemma.from_pretrained(tiny_folder)  # its float weights replaced by numpy fake-quant values
+    targets = {"/".join(p): (kind, axes) for p, kind, axes in quant.TARGETS}
+    for path, var in iter_params(fq.state):
+        key = "/".join(path)
+        if key in targets:
+            kind, axes = targets[key]
+            layered = "layers" in path
+            w = np.asarray(var.get_value())
+            if layered:
+                deq = np.stack([np_fake_quant(wi, axes, specs[kind].bits, specs[kind].block)[1] for wi in w])
+            else:
+                deq = np_fake_quant(w, axes, specs[kind].bits, specs[kind].block)[1]
+            var.set_value(jnp.asarray(deq, jnp.float32))
+    got = EmbeddingGemma.from_pretrained(tiny_folder, quantize=mode).encode(TEXTS)
+    want = fq.encode(TEXTS)
+    np.testing.assert_allclose(got, want, rtol=0, atol=2e-6)
+    assert np.abs(want - tiny_float.encode(TEXTS)).max() > 1e-4  # the quantization does change the output
+
+
+def test_tiny_int8_model_quantizes_every_matmul_input(tiny_folder, tiny_float):
+    model = tiny_float.quantized("int8")
+    kinds = [(type(m).__name__, m.act_bits) for m in
+             (model.module.encoder.layers.self_attn.q_proj, model.module.encoder.layers.mlp.down_proj,
+              model.module.head.dense2, model.module.encoder.embed_tokens)]
+    assert kinds == [("QuantizedWeight", 8)] * 3 + [("QuantizedWeight", None)]
+    a, b = model.encode(TEXTS), tiny_float.quantized("int8").encode(TEXTS)
+    np.testing.assert_array_equal(a, b)  # deterministic
+    assert 1e-5 < np.abs(a - tiny_float.encode(TEXTS)).max()
+
+
+def test_param_bytes_per_mode(tiny_float):
+    fp = quant.param_bytes(tiny_float.module)
+    sizes = {m: quant.param_bytes(tiny_float.quantized(m).module) for m in quant.MODE_NAMES}
+    n = sum(int(np.prod(v.get_value().shape)) for _, v in iter_params(tiny_float.state))
+    assert fp == 4 * n
+    assert sizes["int4-weights"] < sizes["int8-weights"] < fp / 3
+    assert sizes["mixed"] < sizes["int8"] < fp / 3
+
+
+def test_quantized_checkpoint_round_trip(tiny_folder, tiny_float, tmp_path):
+    from embeddinggemma_jax import checkpoint
+
+    for mode in quant.MODE_NAMES:
+        model = EmbeddingGemma.from_pretrained(tiny_folder, quantize=mode)
+        out = model.save_checkpoint(tmp_path / mode)
+        assert checkpoint.read_marker(out)["quantize"] == mode
+        back = EmbeddingGemma.from_pretrained(out)
+        assert back.quantize == mode
+        q = back.module.encoder.layers.mlp.gate_proj.q.get_value()
+        assert q.dtype == model.module.encoder.layers.mlp.gate_proj.q.get_value().dtype
+        np.testing.assert_array_equal(back.encode(TEXTS), model.encode(TEXTS))
+    with pytest.raises(ConfigError, match="quantized as 'int8'"):
+        EmbeddingGemma.from_pretrained(tmp_path / "int8", quantize="int4-weights")
+
+
+def test_unknown_mode_is_refused(tiny_folder):
+    with pytest.raises(ConfigError, match="unknown quantization mode 'int2'"):
+        EmbeddingGemma.from_pretrained(tiny_folder, quantize="int2")
+
+
+# ----------------------------------------------------------------------------- the commands
+def test_encode_convert_and_embed_take_quantize(tiny_folder, tiny_float, tmp_path, capsys):
+    import json
+
+    from embeddinggemma_jax.batch import shards
+    from embeddinggemma_jax.cli import main
+
+    want = tiny_float.quantized("int8").encode(TEXTS[:2], prompt_name="query")
+    assert main(["encode", "--model", str(tiny_folder), "--quantize", "int8", "--prompt-name", "query", *TEXTS[:2]]) == 0
+    got = np.asarray(json.loads(capsys.readouterr().out))
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-6)
+
+    ckpt = tmp_path / "q.orbax"
+    assert main(["convert", "--model", str(tiny_folder), "--output", str(ckpt), "--quantize", "mixed"]) == 0
+    assert "quantized mixed" in capsys.readouterr().out
+    back = EmbeddingGemma.from_pretrained(ckpt)
+    assert back.quantize == "mixed"
+    np.testing.assert_array_equal(back.encode(TEXTS), tiny_float.quantized("mixed").encode(TEXTS))
+
+    corpus = tmp_path / "in.jsonl"
+    corpus.write_text("".join(json.dumps({"text": t}) + "\n" for t in TEXTS[:3]))
+    assert main(["embed", "--model", str(tiny_folder), "--quantize", "int8-weights", "--input", str(corpus),
+                 "--output", str(tmp_path / "out")]) == 0
+    _, emb = shards.load_all(tmp_path / "out")
+    want = tiny_float.quantized("int8-weights").encode(TEXTS[:3], prompt_name="document")
+    np.testing.assert_allclose(emb, want, rtol=0, atol=1e-5)
+
+
+def test_parity_quantize_uses_the_mode_threshold(tiny_folder, tmp_path, capsys):
+    import json
+
+    from conversion.parity import QUANT_MIN_COSINE
+    from embeddinggemma_jax.cli import main
+
+    texts = tmp_path / "t.json"
+    texts.write_text(json.dumps(TEXTS))
+    for mode in ("int8-weights", "mixed"):
+        report = tmp_path / f"{mode}.json"
+        main(["parity", "--model", str(tiny_folder), "--texts", str(texts), "--quantize", mode, "--report", str(report)])
+        r = json.loads(report.read_text())
+        assert r["quantize"] == mode and r["min_cosine_threshold"] == QUANT_MIN_COSINE[mode]
+        assert r["summary"]["min_cosine"] < 0.99999  # quantized: no longer the fp32 port's agreement
+    assert QUANT_MIN_COSINE["mixed"] is None and "measured only" in capsys.readouterr().out
+
+
+def test_embed_refuses_int4_modes_in_one_line(tiny_folder, tmp_path, capsys):
+    from embeddinggemma_jax.cli import main
+
+    corpus = tmp_path / "in.jsonl"
+    corpus.write_text('{"text": "a"}\n')
+    assert main(["embed", "--model", str(tiny_folder), "--quantize", "mixed", "--input", str(corpus),
+                 "--output", str(tmp_path / "out")]) != 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert "int4 weights" in err[-1] and "int8-weights" in err[-1]
+
+
+# ----------------------------------------------------------------------------- the real weights
+@pytest.mark.real
+@pytest.mark.slow
+def test_real_modes_against_fp32(real_model):
+    """Every mode on short texts and a 2,048-token text against the fp32 model (which matches
+    sentence-transformers, test_api): int8-weights >= 0.999 and int8 >= 0.99 min cosine (issue 16);
+    mixed and int4 have no cosine gate, but must still rank the model card's answer first. (On the
+    full builtin set int8 falls to 0.98469 on the truncated repetitive text: README, Quantized inference.)"""
+    from conversion.parity import SHORT_CASES, _PROSE
+    from embeddinggemma_jax.cli import DEMO_DOCUMENTS, DEMO_QUERY
+
+    long = real_model.tokenizer.encode([_PROSE * 40])[0]
+    assert len(long) == 2048
+    texts = [t for _, t in SHORT_CASES] + [_PROSE * 40]
+    ref = real_model.encode(texts)
+    gates = {"int8-weights": 0.999, "int8": 0.99}
+    for mode in quant.MODE_NAMES:
+        model = real_model.quantized(mode)
+        cos = np.sum(model.encode(texts) * ref, axis=-1)
+        print(f"{mode}: min cosine {cos.min():.5f} (2048 tokens: {cos[-1]:.5f})")
+        if mode in gates:
+            assert cos.min() >= gates[mode], (mode, cos)
+        sims = model.similarity(model.encode_query(DEMO_QUERY), model.encode_document(DEMO_DOCUMENTS))[0]
+        assert int(np.argmax(sims)) == 1, (mode, sims)
