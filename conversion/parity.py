@@ -265,8 +265,8 @@ def run_parity(model: str, cases: Sequence[tuple[str, str]] | None = None, *, re
 def _print_report(report: dict, layer_report: LayerReport | None, log) -> None:
     threshold = report["min_cosine_threshold"]
     log(f"parity: JAX {report['model']} ({report['dtype']}"
-        + (f", quantized {report['quantize']}" if report.get("quantize") else "") + ") vs sentence-transformers {report['reference']} "
-        f"(float32)" + (f", prompt {report['prompt_name']!r}" if report["prompt_name"] else ""))
+        + (f", quantized {report['quantize']}" if report.get("quantize") else "")
+        + f") vs sentence-transformers {report['reference']} (float32)" + (f", prompt {report['prompt_name']!r}" if report["prompt_name"] else ""))
     log(f"{'#':>3}  {'case':<34} {'tokens':>6}  {'cosine':>12}  {'max|diff|':>9}")
     for i, r in enumerate(report["cases"]):
         flag = "" if threshold is None or r["cosine"] >= threshold else "  <-- below threshold"

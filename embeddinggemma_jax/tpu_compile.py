@@ -20,7 +20,6 @@ bytes from the op's operands and result. Collectives and host transfers are not 
 
 from __future__ import annotations
 
-import json
 import math
 import re
 import time

@@ -12,7 +12,6 @@ gate file (``--test-step-gate``) and read queue depths from /metrics, so nothing
 from __future__ import annotations
 
 import base64
-import json
 import os
 import re
 import signal
