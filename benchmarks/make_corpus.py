@@ -10,28 +10,10 @@ the document prompt, a long tail to ~2k). Usage:
 from __future__ import annotations
 
 import argparse
-import ast
-import glob
 import json
-import os
 import random
-import sysconfig
-from pathlib import Path
 
-
-def stdlib_docstrings() -> list[str]:
-    docs = []
-    for f in sorted(glob.glob(os.path.join(sysconfig.get_paths()["stdlib"], "*.py"))):
-        try:
-            tree = ast.parse(Path(f).read_text(encoding="utf-8"))
-        except (SyntaxError, UnicodeDecodeError):
-            continue
-        for node in ast.walk(tree):
-            if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
-                d = ast.get_docstring(node)
-                if d:
-                    docs.append(d)
-    return docs
+from embeddinggemma_jax.bench import top_level_stdlib_docstrings
 
 
 def main(argv=None) -> None:
@@ -40,7 +22,7 @@ def main(argv=None) -> None:
     ap.add_argument("--lines", type=int, default=1_000_000)
     ap.add_argument("--seed", type=int, default=0)
     a = ap.parse_args(argv)
-    docs = stdlib_docstrings()
+    docs = top_level_stdlib_docstrings()
     r = random.Random(a.seed)
     with open(a.out, "w", encoding="utf-8") as f:
         for i in range(a.lines):

@@ -3,8 +3,6 @@ multi-process equality, verify, padding efficiency on a long-tailed corpus."""
 
 from __future__ import annotations
 
-import ast
-import glob
 import json
 import os
 import random
@@ -12,7 +10,6 @@ import signal
 import socket
 import subprocess
 import sys
-import sysconfig
 import time
 from pathlib import Path
 
@@ -20,6 +17,7 @@ import numpy as np
 import pytest
 
 from embeddinggemma_jax.batch import shards
+from embeddinggemma_jax.bench import top_level_stdlib_docstrings
 from embeddinggemma_jax.batch.job import EmbedOptions, JobError, VerifyError, run_embed, verify
 from embeddinggemma_jax.batch.readers import BadRecordError, InputSpec, iter_units
 from embeddinggemma_jax.errors import InputError
@@ -140,28 +138,13 @@ def test_plan_batches_places_every_record_once_in_fixed_shapes():
     assert batch.ids.tolist() == [[5, 6, 7, 0], [8, 0, 0, 0]] and batch.mask.sum() == 4
 
 
-def stdlib_docstrings() -> list[str]:
-    docs = []
-    for f in sorted(glob.glob(os.path.join(sysconfig.get_paths()["stdlib"], "*.py"))):
-        try:
-            tree = ast.parse(Path(f).read_text(encoding="utf-8"))
-        except (SyntaxError, UnicodeDecodeError):
-            continue
-        for node in ast.walk(tree):
-            if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
-                d = ast.get_docstring(node)
-                if d:
-                    docs.append(d)
-    return docs
-
-
 def test_padding_efficiency_on_stdlib_docstrings(real_folder):
     """Long-tailed lengths (median ~30 tokens, max ~1450) with the real tokenizer (no weights
     loaded), batched as the v5litepod-1 job does (its buckets and rows per chip)."""
     from embeddinggemma_jax import topologies
     from embeddinggemma_jax.tokenize import TextTokenizer
 
-    docs = stdlib_docstrings()
+    docs = top_level_stdlib_docstrings()
     assert len(docs) > 2000
     tok = TextTokenizer(Path(real_folder) / "tokenizer.json", 2048)
     lengths = [len(t) for t in tok.encode(["title: none | text: " + d for d in docs])]
