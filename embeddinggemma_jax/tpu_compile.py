@@ -321,7 +321,7 @@ def compile_job(topology: str, buckets=None, model: str | None = None, num_slice
     from flax import nnx
 
     from embeddinggemma_jax.attention import kernel_for_length, select_impl
-    from embeddinggemma_jax.batch.job import _rows_table
+    from embeddinggemma_jax.batch.job import rows_table
     from embeddinggemma_jax.batch.step import ShardedEncoder
     from embeddinggemma_jax.batching import buckets_for
     from embeddinggemma_jax.costs import flops_per_token
@@ -340,7 +340,7 @@ def compile_job(topology: str, buckets=None, model: str | None = None, num_slice
     bad = [L for L in chosen if L not in all_buckets]
     if bad:
         raise ValueError(f"bucket {bad[0]} is not one of {topo.name}'s buckets: {', '.join(map(str, all_buckets))}")
-    table = rows or _rows_table(topo, all_buckets, None)
+    table = rows or rows_table(topo, all_buckets, None)
     out = {"topology": topo.name, "kind": "job", "num_slices": num_slices, "chips": topo.chips * num_slices,
            "hosts": len({d.process_index for d in devices}), "mesh": dict(mesh.shape), "dtype": topo.dtype,
            "hbm_limit_bytes": topologies.V5E_HBM_BYTES, "hbm_margin": HBM_MARGIN,
