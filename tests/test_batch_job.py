@@ -313,6 +313,21 @@ def test_sigkill_at_random_points_then_resume_is_identical(tiny_folder, cache, t
         assert v.returncode == 0 and "118 records" in v.stdout, v.stderr
 
 
+def test_a_run_killed_while_writing_the_manifest_resumes_to_the_same_files(tiny_folder, cache, tmp_path):
+    """A kill during the last step leaves a temporary manifest (never renamed into place) next to the
+    finished shards; the rerun removes it and writes the same files as an uninterrupted run."""
+    corpus = write_corpus(tmp_path / "c.jsonl", n=40, seed=5)
+    args = ["--model", tiny_folder, "--input", corpus, "--id-field", "id", *FAST_ARGS]
+    env = env_for(1, cache)
+    out = tmp_path / "out"
+    subprocess.run(cli("embed", *args, "--output", out), env=env, check=True, capture_output=True, timeout=300)
+    expected = output_files(out)
+    (out / "manifest.json").unlink()
+    (out / ".tmp-manifest.json-12345-abcdefgh").write_text('{"half written')
+    subprocess.run(cli("embed", *args, "--output", out), env=env, check=True, capture_output=True, timeout=300)
+    assert output_files(out) == expected
+
+
 @pytest.mark.real
 def test_real_weights_small_job_matches_sentence_transformers(real_folder, st_model, tmp_path):
     texts = ["Mars is known as the Red Planet.", "The mitochondria is the powerhouse of the cell.",

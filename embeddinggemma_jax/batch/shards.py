@@ -112,14 +112,15 @@ def list_shard_files(out_dir) -> list[str]:
 
 
 def remove_temporaries(out_dir) -> int:
-    """Leftovers of killed writes (never renamed into place)."""
-    d = epath(out_dir) / SHARDS
+    """Leftovers of killed writes (never renamed into place): shards in shards/, and job.json,
+    errors.jsonl or manifest.json in the job folder itself (a run killed while finishing)."""
     n = 0
-    if d.exists():
-        for p in d.iterdir():
-            if p.name.startswith(TMP_PREFIX):
-                p.unlink()
-                n += 1
+    for d in (epath(out_dir), epath(out_dir) / SHARDS):
+        if d.exists():
+            for p in d.iterdir():
+                if p.name.startswith(TMP_PREFIX) and p.is_file():
+                    p.unlink()
+                    n += 1
     return n
 
 
