@@ -20,6 +20,7 @@ bytes from the op's operands and result. Collectives and host transfers are not 
 
 from __future__ import annotations
 
+import json
 import math
 import re
 import time
@@ -28,6 +29,7 @@ from pathlib import Path
 
 from embeddinggemma_jax import topologies
 from embeddinggemma_jax.backend import quiet_topology_env
+from embeddinggemma_jax.errors import InputError
 
 V5E_PEAK_FLOPS = 197e12  # bf16, one chip
 V5E_HBM_BANDWIDTH = 819e9  # bytes/s, one chip
@@ -460,9 +462,26 @@ def add_tpu_compile_arguments(p) -> None:
     p.add_argument("--markdown", action="store_true", help="also print the table as markdown")
 
 
+def check_json_target(path) -> None:
+    """Refuse, before compiling, a --json FILE that exists and is not an earlier tpu-compile result."""
+    p = Path(path)
+    if not p.exists():
+        return
+    try:
+        old = json.loads(p.read_text(encoding="utf-8"))
+        ours = isinstance(old, dict) and {"topology", "buckets", "hbm_limit_bytes"} <= set(old)
+    except (OSError, UnicodeDecodeError, ValueError):
+        ours = False
+    if not ours:
+        raise InputError(f"--json {path} exists and is not a tpu-compile result; refusing to replace it: "
+                         "pass a new file name")
+
+
 def cmd_tpu_compile(args) -> int:
     from embeddinggemma_jax.io_utils import atomic_write_json
 
+    if args.json:
+        check_json_target(args.json)
     if args.slices < 1:
         raise ValueError(f"--slices must be >= 1, got {args.slices}")
     if args.train:

@@ -107,3 +107,10 @@ def test_cli_is_quiet_and_writes_json(tiny_folder, tmp_path):
                         "--model", str(tiny_folder), "--buckets", "13"], capture_output=True, text=True, env=env,
                        timeout=600)
     assert r.returncode == 1 and len(r.stderr.strip().splitlines()) == 1 and "bucket 13" in r.stderr
+    notes = tmp_path / "notes.json"
+    notes.write_text('{"mine": 1}')
+    r = subprocess.run([sys.executable, "-m", "embeddinggemma_jax.cli", "tpu-compile", "--topology", "v5litepod-4",
+                        "--model", str(tiny_folder), "--buckets", "12", "--json", str(notes)],
+                       capture_output=True, text=True, env=env, timeout=600)
+    assert r.returncode == 1 and "not a tpu-compile result" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert notes.read_text() == '{"mine": 1}'  # the user's file is kept
