@@ -57,6 +57,14 @@ def cli(*args) -> list[str]:
     return [sys.executable, "-m", "embeddinggemma_jax.cli", *map(str, args)]
 
 
+def slow_step_cli(*args, delay: float = 0.3) -> list[str]:
+    """``cli(*args)`` with the job's device step made ``delay`` seconds slower per round."""
+    code = ("import sys, time; from embeddinggemma_jax.batch import job; step = job.step; "
+            f"job.step = lambda *a: (time.sleep({delay}), step(*a))[1]; "
+            "from embeddinggemma_jax.cli import main; sys.exit(main())")
+    return [sys.executable, "-c", code, *map(str, args)]
+
+
 def output_files(out: Path) -> dict[str, bytes]:
     return {p.relative_to(out).as_posix(): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
 
@@ -290,8 +298,10 @@ def test_sigkill_at_random_points_then_resume_is_identical(tiny_folder, cache, t
     kill_points = [0, rng.randint(1, 3), rng.randint(3, 5), rng.randint(6, 7)]
     for k in kill_points:
         out = tmp_path / f"kill{k}"
-        p = subprocess.Popen(cli("embed", *args, "--output", out), env=env, stdout=subprocess.DEVNULL,
-                             stderr=subprocess.DEVNULL)
+        # Each round's step made 0.3 s slower (in the killed run only), so the run cannot finish within
+        # the up-to-50 ms between seeing the k-th shard and the kill: the kill always lands mid-run.
+        p = subprocess.Popen(slow_step_cli("embed", *args, "--output", out), env=env,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.time() + 240
         while time.time() < deadline and p.poll() is None:
             done = len(list((out / "shards").glob("*[0-9].json"))) if (out / "shards").exists() else 0
@@ -479,9 +489,9 @@ def test_two_processes_sigkill_then_rerun_is_identical(tiny_folder, cache, tmp_p
     two-process run."""
     corpus = write_corpus(tmp_path / "c.jsonl", n=120, seed=5)
 
-    def start(out):
+    def start(out, command=cli):
         port = _free_port()
-        return [subprocess.Popen(cli("embed", "--model", tiny_folder, "--input", corpus, "--output", out,
+        return [subprocess.Popen(command("embed", "--model", tiny_folder, "--input", corpus, "--output", out,
                                      "--id-field", "id", *FAST_ARGS, "--coordinator", f"127.0.0.1:{port}",
                                      "--num-processes", 2, "--process-id", i),
                                  env=env_for(1, cache), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
@@ -494,7 +504,7 @@ def test_two_processes_sigkill_then_rerun_is_identical(tiny_folder, cache, tmp_p
     finish(start(tmp_path / "ref"))
     expected = output_files(tmp_path / "ref")
     out = tmp_path / "killed"
-    procs = start(out)
+    procs = start(out, slow_step_cli)  # slower rounds: the kill lands mid-run however fast the machine
     deadline = time.time() + 240
     while time.time() < deadline and all(q.poll() is None for q in procs):
         if (out / "shards").exists() and len(list((out / "shards").glob("*[0-9].json"))) >= 3:
