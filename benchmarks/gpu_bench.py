@@ -142,6 +142,10 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="google/embeddinggemma-300m", help="model folder or hub id")
     p.add_argument("--tiny", action="store_true", help="dry run: a tiny random model and small shapes, any device")
+    p.add_argument("--random-weights", action="store_true",
+                   help="the EmbeddingGemma-300m architecture with random weights and a byte tokenizer, for a "
+                        "machine that cannot reach the weights: speed only (every engine runs the same weights, "
+                        "so the cosines between engines still check the kernels)")
     p.add_argument("--shapes", default=None, help="BxL list (default 256x512,64x2048; with --tiny 8x64,2x128)")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--attention", default="default",
@@ -163,18 +167,20 @@ def main(argv=None) -> int:
         (a.work / f"result-{a.engine}.json").write_text(json.dumps(res))
         return 0
 
-    if a.tiny:
+    if a.tiny or a.random_weights:
+        from embeddinggemma_jax.config import EncoderConfig, HeadConfig
         from embeddinggemma_jax.testing import make_tiny_folder
 
-        tmp_model = Path(tempfile.mkdtemp(prefix="eg-gpu-tiny-")) / "model"
-        make_tiny_folder(tmp_model)
+        tmp_model = Path(tempfile.mkdtemp(prefix="eg-gpu-random-")) / "model"
+        make_tiny_folder(tmp_model, **({} if a.tiny else {"enc": EncoderConfig(), "head": HeadConfig()}))
         folder = str(tmp_model)
     else:
         from embeddinggemma_jax import hub
 
         folder = str(hub.resolve(a.model))
     engines = [e.strip() for e in a.attention.split(",") if e.strip()] + ([] if a.no_reference else ["st"])
-    report = {"date": time.strftime("%Y-%m-%d"), "model": folder, "shapes": [f"{B}x{L}" for B, L in shapes],
+    report = {"date": time.strftime("%Y-%m-%d"), "model": folder, "random_weights": bool(a.tiny or a.random_weights),
+              "shapes": [f"{B}x{L}" for B, L in shapes],
               "engines": {}}
     with tempfile.TemporaryDirectory(prefix="eg-gpu-") as work:
         work = Path(work)
