@@ -291,13 +291,32 @@ def test_real_fp32_one_at_a_time_parity(real_model, reference):
 
 @pytest.mark.real
 @pytest.mark.slow
-def test_real_bf16_against_fp32_reference(real_model_bf16, reference):
+def test_real_bf16_against_fp32_reference(real_model_bf16, real_folder, reference):
+    """Every text >= 0.9995 cosine to the fp32 reference, or at least as close as the reference's own bf16 run.
+
+    Some texts are ill-conditioned in bf16: on the short Arabic sentence (text 7) sentence-transformers' own
+    bf16 run gives 0.9956 against its fp32 run, and this package's bf16 result moves between 0.9994 and 0.9965
+    with the CPU kind or a 0.14% change of the embedding scale. For such a text the bar is the reference's own
+    bf16 error, measured here on that text (the PyTorch bf16 model is loaded only when a text is below 0.9995).
+    """
     texts, ref = reference
     got = real_model_bf16.encode(texts, batch_size=8)
     cos = _cos(got, ref)
     print(f"bf16 vs fp32 sentence-transformers: min cosine {cos.min():.6f} (text {int(np.argmin(cos))}), "
           f"median {np.median(cos):.6f}")
-    assert cos.min() >= 0.9995, f"bf16 min cosine {cos.min():.6f} on text {int(np.argmin(cos))}"
+    assert np.median(cos) >= 0.9999
+    below = [int(i) for i in np.flatnonzero(cos < 0.9995)]
+    if below:
+        import torch
+        from sentence_transformers import SentenceTransformer
+
+        st16 = SentenceTransformer(str(real_folder), device="cpu", model_kwargs={"torch_dtype": torch.bfloat16})
+        st_cos = _cos(st16.encode([texts[i] for i in below], batch_size=1, convert_to_numpy=True).astype(np.float32),
+                      ref[below])
+        print("below 0.9995:", {i: (round(float(cos[i]), 6), round(float(c), 6)) for i, c in zip(below, st_cos)},
+              "(this package, sentence-transformers bf16)")
+        for i, c in zip(below, st_cos):
+            assert cos[i] >= c, f"text {i}: bf16 cosine {cos[i]:.6f} < the reference's own bf16 {c:.6f}"
 
 
 @pytest.mark.real
