@@ -32,8 +32,7 @@ def main(argv=None):
     tok = TextTokenizer(folder / "tokenizer.json", head.max_seq_length, enc.pad_token_id, enc.eos_token_id)
     prompt = head.prompts["document"]
     t = time.perf_counter()
-    units = [(u.file_index + u.unit_index, [len(x) for x in tok.encode([prompt + r.text for r in u.records],
-                                                                        truncate=True)])
+    units = [(u.file_index + u.unit_index, tok.count([prompt + r.text for r in u.records]))
              for u in iter_units(InputSpec((a.input,), "jsonl", unit_size=a.unit_size))]
     print(f"tokenised {sum(len(x) for _, x in units):,} records in {time.perf_counter() - t:.0f} s", flush=True)
     print("| topology | hosts | padding efficiency | global batches | compiled shapes |\n|---|---:|---:|---:|---:|")

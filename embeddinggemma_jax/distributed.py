@@ -80,14 +80,15 @@ def allgather_rows(x: np.ndarray) -> np.ndarray:
 
 def allgather_ragged(values) -> list[np.ndarray]:
     """Every process's 1-D int32 ``values`` (lengths may differ): two collectives (sizes, then the
-    values padded to the longest)."""
+    values padded to the longest, rounded up to a power of two: every new shape is a new compiled
+    program, and on CPU only process 0 finds it in the persistent cache)."""
     v = np.asarray(values, np.int32).ravel()
     if jax.process_count() == 1:
         return [v]
     sizes = allgather_ints([v.size])[:, 0]
     if sizes.max() == 0:
         return [np.zeros(0, np.int32) for _ in sizes]
-    padded = np.zeros(int(sizes.max()), np.int32)
+    padded = np.zeros(1 << (int(sizes.max()) - 1).bit_length(), np.int32)
     padded[:v.size] = v
     rows = allgather_ints(padded)
     return [rows[h, :int(n)] for h, n in enumerate(sizes)]
@@ -107,6 +108,23 @@ def agree_error(message: str | None, max_bytes: int = 2048) -> str | None:
             body = r[1:].astype(np.uint8).tobytes().rstrip(b"\0")
             return body.decode("utf-8", errors="ignore")
     return None
+
+
+def broadcast_bytes(data: bytes | None) -> bytes:
+    """Process 0's ``data`` on every process (the others pass None): two collectives, the payload
+    padded to a power of two so that few shapes compile."""
+    if jax.process_count() == 1:
+        return data or b""
+    from jax.experimental import multihost_utils
+
+    primary = jax.process_index() == 0
+    n = int(multihost_utils.broadcast_one_to_all(np.int32(len(data) if primary else 0)))
+    if n == 0:
+        return b""
+    buf = np.zeros(1 << (n - 1).bit_length(), np.uint8)
+    if primary:
+        buf[:n] = np.frombuffer(data, np.uint8)
+    return np.asarray(multihost_utils.broadcast_one_to_all(buf))[:n].tobytes()
 
 
 def barrier(name: str) -> None:

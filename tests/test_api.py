@@ -189,6 +189,8 @@ def test_truncation_keeps_eos_and_truncate_false_raises(tiny):
     long = "z" * (limit + 50)
     ids = tiny.tokenizer.encode([long])[0]
     assert len(ids) == limit and ids[0] == 2 and ids[-1] == 1
+    short = ["z" * n for n in (0, 5, limit - 2, limit - 1)]
+    assert tiny.tokenizer.count([long, *short]) == [len(x) for x in tiny.tokenizer.encode([long, *short])]
     np.testing.assert_array_equal(tiny.encode(long), tiny.encode("z" * (limit - 2)))
     with pytest.raises(ValueError, match="truncate=True"):
         tiny.encode([long], truncate=False)

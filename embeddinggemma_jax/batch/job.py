@@ -429,11 +429,16 @@ def finalize(ctx: JobContext, stats: JobStats, unit_names: list[str], wall: floa
     from embeddinggemma_jax.distributed import barrier
 
     total = stats.totals().as_dict()
+    compile_seconds = ctx.encoder.compile_seconds
+    if ctx.processes > 1:  # the slowest host's: the others wait for it in the next collective
+        from embeddinggemma_jax.distributed import allgather_ints
+
+        compile_seconds = int(allgather_ints([round(compile_seconds * 1000)])[:, 0].max()) / 1000
     barrier("embed-shards-written")
     manifest = write_manifest(ctx.out, unit_names, ctx.job) if ctx.process_index == 0 else None
     barrier("embed-manifest")
     summary = dict(total, wall_seconds=round(wall, 3), total_seconds=round(time.perf_counter() - ctx.t_start, 3),
-                   compile_seconds=round(ctx.encoder.compile_seconds, 3), compiled_shapes=ctx.encoder.num_shapes,
+                   compile_seconds=round(compile_seconds, 3), compiled_shapes=ctx.encoder.num_shapes,
                    processes=ctx.processes, devices=jax.device_count(), mesh=list(ctx.mesh_shape),
                    records_per_second=round(total["records"] / max(wall, 1e-9), 2),
                    tokens_per_second=round(total["tokens"] / max(wall, 1e-9), 2),

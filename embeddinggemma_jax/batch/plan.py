@@ -102,7 +102,7 @@ def plan_only(o, hosts: int | None = None) -> dict:
         for u in iter_units(spec):
             texts = [(DOCUMENT_TEMPLATE.format(title=r.title or "none") if o.title_field else prompt) + r.text
                      for r in u.records]
-            yield u.file_index + u.unit_index, [len(t) for t in tok.encode(texts, truncate=True)] if texts else []
+            yield u.file_index + u.unit_index, tok.count(texts) if texts else []
 
     report = simulate(units(), hosts, planner)
     report.update(topology=o.topology, rows_per_global_batch={str(L): planner.full_rows(L) for L in planner.buckets},
