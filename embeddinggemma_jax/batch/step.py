@@ -61,7 +61,10 @@ class ShardedEncoder:
             arg = jax.ShapeDtypeStruct(global_shape, jnp.int32, sharding=self.batch_sharding)
             with use_rules(self.mesh, self.rules):
                 lowered = self._jit.lower(self.state, arg, arg)
-                exe = lowered.compile() if jax.process_count() == 1 else _compile_once(lowered)
+                # CPU processes (gloo) share one compile; TPU/GPU hosts each compile on their own CPUs, in
+                # parallel, as JAX does (a pod's executables are large and device-specific).
+                shared = jax.process_count() > 1 and jax.default_backend() == "cpu"
+                exe = _compile_once(lowered) if shared else lowered.compile()
             self.compile_seconds += time.perf_counter() - t
             self._compiled[global_shape] = exe
         return exe
