@@ -11,8 +11,9 @@ Modes (``MODES``; parameter kinds: the embedding table, attention q/k/v/o, the M
   channel int8 is not enough here: on the real weights it reaches min cosine 0.9974 to fp32 on the
   builtin parity texts, blocks of 32 reach 0.999;
 - ``int8``: int8 weights per output channel and int8 activations, dynamic per token (the max over
-  the contraction axes of each token's input), multiplied as int8 x int8 -> int32 (the v5e MXU path);
-  the embedding table is int8 per row (a lookup, no matmul);
+  the contraction axes of each token's input), multiplied as int8 x int8 -> int32 (the v5e MXU path)
+  in every attention and MLP projection; the Dense head (one pooled vector per text) has int8
+  weights and an fp32 input (``PER_TOKEN_KINDS``); the embedding table is int8 per row (a lookup);
 - ``mixed``: the card's ``e4_a8_f4_p4``: int4 per channel for the embedding table, the MLP
   (feed-forward) and the Dense head projections, int8 per channel for attention; weights only;
 - ``int4-weights``: int4 weights in blocks of 32 everywhere (the card's Q4_0 analogue).
@@ -56,6 +57,12 @@ MODES: dict[str, tuple[dict[str, Spec], bool]] = {
     "int4-weights": ({"embed": _B4, "attn": _B4, "mlp": _B4, "head": _B4}, False),
 }
 MODE_NAMES = tuple(MODES)
+# With int8 activations, the matmuls whose input is quantized: the per-token ones (attention, MLP).
+# The Dense head's input is one pooled vector per text (2 x 2 x 768 x 3072 = 9.4 MFLOPs per text
+# against 203 MFLOPs per token in the encoder's projections: 0.01% at 512 tokens) and quantizing it
+# costs more cosine than any single per-token matmul on the real weights (README): its weights are
+# int8, its input stays fp32.
+PER_TOKEN_KINDS = ("attn", "mlp")
 
 # (path of the parameter in EmbeddingGemmaModule, kind, contraction axes of one layer's weight).
 # Per-layer parameters carry a leading "layers" axis in the state; the axes here are within a layer.
@@ -215,7 +222,7 @@ def quantize_module(module, mode: str):
         offset = 1 if layered else 0
         spec = specs[kind]
         q, scale = quantize_array(var[...], tuple(a + offset for a in axes), spec)
-        act_bits = 8 if act and kind != "embed" else None
+        act_bits = 8 if act and kind in PER_TOKEN_KINDS else None
         names = var.get_metadata().get("out_sharding")
         setattr(parent, path[-1], QuantizedWeight(q, scale, axes, spec.block, spec.bits, act_bits, layered, names))
     return module

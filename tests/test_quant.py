@@ -147,7 +147,8 @@ def test_tiny_int8_model_quantizes_every_matmul_input(tiny_folder, tiny_float):
     kinds = [(type(m).__name__, m.act_bits) for m in
              (model.module.encoder.layers.self_attn.q_proj, model.module.encoder.layers.mlp.down_proj,
               model.module.head.dense2, model.module.encoder.embed_tokens)]
-    assert kinds == [("QuantizedWeight", 8)] * 3 + [("QuantizedWeight", None)]
+    # the per-token projections take int8 inputs; the Dense head and the embedding lookup do not
+    assert kinds == [("QuantizedWeight", 8)] * 2 + [("QuantizedWeight", None)] * 2
     a, b = model.encode(TEXTS), tiny_float.quantized("int8").encode(TEXTS)
     np.testing.assert_array_equal(a, b)  # deterministic
     assert 1e-5 < np.abs(a - tiny_float.encode(TEXTS)).max()
@@ -245,20 +246,21 @@ def test_embed_refuses_int4_modes_in_one_line(tiny_folder, tmp_path, capsys):
 def test_real_modes_against_fp32(real_model):
     """Every mode on short texts and a 2,048-token text against the fp32 model (which matches
     sentence-transformers, test_api): int8-weights >= 0.999 and int8 >= 0.99 min cosine (issue 16);
-    mixed and int4 have no cosine gate, but must still rank the model card's answer first. (On the
-    full builtin set int8 falls to 0.98469 on the truncated repetitive text: README, Quantized inference.)"""
+    mixed and int4 have no cosine gate, but must still rank the model card's answer first. The
+    truncated repetitive text is the builtin case where int8 was weakest (0.98469 with a quantized
+    Dense-head input: README, Quantized inference)."""
     from conversion.parity import SHORT_CASES, _PROSE
     from embeddinggemma_jax.cli import DEMO_DOCUMENTS, DEMO_QUERY
 
     long = real_model.tokenizer.encode([_PROSE * 40])[0]
     assert len(long) == 2048
-    texts = [t for _, t in SHORT_CASES] + [_PROSE * 40]
+    texts = [t for _, t in SHORT_CASES] + [_PROSE * 40, "the cat sat on the mat. " * 700]
     ref = real_model.encode(texts)
     gates = {"int8-weights": 0.999, "int8": 0.99}
     for mode in quant.MODE_NAMES:
         model = real_model.quantized(mode)
         cos = np.sum(model.encode(texts) * ref, axis=-1)
-        print(f"{mode}: min cosine {cos.min():.5f} (2048 tokens: {cos[-1]:.5f})")
+        print(f"{mode}: min cosine {cos.min():.5f} (2048 tokens: {cos[-2]:.5f}, truncated: {cos[-1]:.5f})")
         if mode in gates:
             assert cos.min() >= gates[mode], (mode, cos)
         sims = model.similarity(model.encode_query(DEMO_QUERY), model.encode_document(DEMO_DOCUMENTS))[0]
