@@ -61,7 +61,16 @@ def main(argv=None) -> int:
     d_ids = tok.encode([fp.prompts["document"] + d for d in corpus])
     n_q_tokens = sum(len(x) for x in q_ids)
 
-    results = {"data": data, "cases": [n for n, _ in cases], "dtype": args.dtype, "modes": {}}
+    import os
+    import platform
+
+    results = {"data": data, "cases": [n for n, _ in cases], "dtype": args.dtype, "modes": {},
+               "cpu": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
+               "load_average_start": os.getloadavg()}
+    try:  # the CPU's model name (Linux)
+        results["cpu"] = next(ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
     ref = None
     for mode in [None] + [m for m in args.modes.split(",") if m]:
         t0 = time.perf_counter()
@@ -86,6 +95,7 @@ def main(argv=None) -> int:
             "retrieval": retrieval_metrics(q, d, gold, (768, 128)),
             "param_bytes": quant.param_bytes(model.module),
             "cpu_tokens_per_s": n_q_tokens / dt, "seconds": time.perf_counter() - t0,
+            "load_average_after": os.getloadavg(),
         }
         r = results["modes"][name]
         print(f"{name:13s} min_cos={r['min_cosine']:.5f} mean_cos={r['mean_cosine']:.5f} "

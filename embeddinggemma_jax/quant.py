@@ -1,18 +1,22 @@
-"""Post-training quantization: int8 / int4 weights (and int8 activations) for inference.
+"""Post-training quantization: int8 / int4 weights (and int8 activations) for inference, on Qwix.
 
-Symmetric absmax quantization, the scheme of Qwix's and the model card's formats:
-``q = clip(round(w / s), -qmax, qmax)`` with ``s = max|w| / qmax`` over a group, ``qmax`` 127 (int8)
-or 7 (int4). A group is either one output channel (``block=None``: the max over all contraction
-axes) or a block of ``block`` consecutive values along the last contraction axis (Q8_0 / Q4_0 use
-blocks of 32; a last, shorter block is allowed).
+The numerics are Google's Qwix (``qwix.quantize``, ``qwix.dequantize``, ``qwix.einsum``): symmetric
+absmax, ``s = max|w| / (qmax + 0.5)`` over a group and ``q = round(w / s)`` saturated to the integer
+type (int8: -128..127, int4: -8..7; the ``+ 0.5`` makes the top bucket as wide as the others). A group is either one output channel (``block=None``: the max over all
+contraction axes) or a block of ``block`` consecutive values along the last contraction axis (Q8_0 /
+Q4_0 use blocks of 32; Qwix's ``tiled_axes``; a last, shorter block is allowed: zero padding). The
+model surgery (which parameter becomes a ``QuantizedWeight``, its sharding names, the Orbax layout)
+is this module's; Qwix's ``quantize_model`` interception is not used because the model's matmuls
+already go through one function (``layers.weight_matmul``).
 
 Modes (``MODES``; parameter kinds: the embedding table, attention q/k/v/o, the MLP, the Dense head):
 - ``int8-weights``: int8 weights in blocks of 32 everywhere (the card's Q8_0 analogue). Per output
   channel int8 is not enough here: on the real weights it reaches min cosine 0.9974 to fp32 on the
   builtin parity texts, blocks of 32 reach 0.999;
 - ``int8``: int8 weights per output channel and int8 activations, dynamic per token (the max over
-  the contraction axes of each token's input), multiplied as int8 x int8 -> int32 (the v5e MXU path);
-  the embedding table is int8 per row (a lookup, no matmul);
+  the contraction axes of each token's input), multiplied as int8 x int8 -> int32 (the v5e MXU path)
+  in every attention and MLP projection; the Dense head (one pooled vector per text) has int8
+  weights and an fp32 input (``PER_TOKEN_KINDS``); the embedding table is int8 per row (a lookup);
 - ``mixed``: the card's ``e4_a8_f4_p4``: int4 per channel for the embedding table, the MLP
   (feed-forward) and the Dense head projections, int8 per channel for attention; weights only;
 - ``int4-weights``: int4 weights in blocks of 32 everywhere (the card's Q4_0 analogue).
@@ -56,6 +60,12 @@ MODES: dict[str, tuple[dict[str, Spec], bool]] = {
     "int4-weights": ({"embed": _B4, "attn": _B4, "mlp": _B4, "head": _B4}, False),
 }
 MODE_NAMES = tuple(MODES)
+# With int8 activations, the matmuls whose input is quantized: the per-token ones (attention, MLP).
+# The Dense head's input is one pooled vector per text (2 x 2 x 768 x 3072 = 9.4 MFLOPs per text
+# against 203 MFLOPs per token in the encoder's projections: 0.01% at 512 tokens) and quantizing it
+# costs more cosine than any single per-token matmul on the real weights (README): its weights are
+# int8, its input stays fp32.
+PER_TOKEN_KINDS = ("attn", "mlp")
 
 # (path of the parameter in EmbeddingGemmaModule, kind, contraction axes of one layer's weight).
 # Per-layer parameters carry a leading "layers" axis in the state; the axes here are within a layer.
@@ -79,13 +89,18 @@ def check_mode(mode: str | None) -> str | None:
     raise ConfigError(f"unknown quantization mode {mode!r}; choose one of {', '.join(MODE_NAMES)} (or none)")
 
 
+def _qwix():
+    """Qwix, the optional ``quant`` extra (imported on first use: float models do not need it)."""
+    try:
+        import qwix
+    except ImportError:
+        raise ConfigError("quantized models need Qwix: pip install 'embeddinggemma-jax[quant]' "
+                          "(or pip install qwix)") from None
+    return qwix
+
+
 def _int_dtype(bits: int):
     return jnp.int8 if bits == 8 else jnp.int4
-
-
-def _blocked_shape(shape, axis: int, block: int) -> tuple[int, ...]:
-    n = -(-shape[axis] // block)
-    return tuple(shape[:axis]) + (n, block) + tuple(shape[axis + 1:])
 
 
 def _pad_axis(x, axis: int, block: int):
@@ -97,44 +112,47 @@ def _pad_axis(x, axis: int, block: int):
     return jnp.pad(x, widths)
 
 
+def _qwix_scale(scale: jax.Array, axes: tuple[int, ...], block: int | None) -> jax.Array:
+    """Our scale layout -> Qwix's: blocks drop the size-1 within-block axis after the block count."""
+    if block is None:
+        return scale
+    a = axes[-1]
+    return scale.reshape(scale.shape[:a + 1] + scale.shape[a + 2:])
+
+
 def quantize_array(w: jax.Array, axes: tuple[int, ...], spec: Spec) -> tuple[jax.Array, jax.Array]:
-    """w (float) -> (integer values of w's shape, fp32 scales). ``axes``: contraction axes of ``w``.
+    """w (float) -> (integer values of w's shape, fp32 scales), with ``qwix.quantize`` (symmetric
+    absmax). ``axes``: contraction axes of ``w``.
 
     Per channel the scales have w's shape with ``axes`` kept as 1; in blocks the last contraction
-    axis a of size n becomes (ceil(n / block), 1)."""
+    axis a of size n becomes (ceil(n / block), 1) (a short last block: ``w`` is zero-padded for Qwix,
+    which needs whole tiles, and the padding dropped from the values)."""
+    qwix = _qwix()
     w = jnp.asarray(w, jnp.float32)
     if spec.block is None:
-        amax = jnp.max(jnp.abs(w), axis=axes, keepdims=True)
-        scale = jnp.where(amax > 0, amax / spec.qmax, 1.0)
-        q = jnp.clip(jnp.round(w / scale), -spec.qmax, spec.qmax)
-        return q.astype(_int_dtype(spec.bits)), scale
+        qa = qwix.quantize(w, _int_dtype(spec.bits), channelwise_axes=[i for i in range(w.ndim) if i not in axes])
+        return qa.qvalue, qa.scale
     a = axes[-1]
-    wb = _pad_axis(w, a, spec.block).reshape(_blocked_shape(w.shape, a, spec.block))
-    amax = jnp.max(jnp.abs(wb), axis=a + 1, keepdims=True)
-    scale = jnp.where(amax > 0, amax / spec.qmax, 1.0)
-    q = jnp.clip(jnp.round(wb / scale), -spec.qmax, spec.qmax)
-    q = q.reshape(w.shape[:a] + (-1,) + w.shape[a + 1:])
-    q = jax.lax.slice_in_dim(q, 0, w.shape[a], axis=a)
-    return q.astype(_int_dtype(spec.bits)), scale
+    qa = qwix.quantize(_pad_axis(w, a, spec.block), _int_dtype(spec.bits),
+                       channelwise_axes=[i for i in range(w.ndim) if i != a], tiled_axes={a: spec.block})
+    q = jax.lax.slice_in_dim(qa.qvalue, 0, w.shape[a], axis=a)
+    return q, qa.scale.reshape(qa.scale.shape[:a + 1] + (1,) + qa.scale.shape[a + 1:])
 
 
 def dequantize_array(q: jax.Array, scale: jax.Array, axes: tuple[int, ...], block: int | None) -> jax.Array:
-    """The fp32 values ``q * scale`` stand for (inverse of ``quantize_array`` up to rounding)."""
-    qf = q.astype(jnp.float32)
+    """The fp32 values ``q * scale`` stand for (``qwix.dequantize``)."""
+    qwix = _qwix()
     if block is None:
-        return qf * scale
+        return qwix.dequantize(qwix.QArray(q, scale, qtype=q.dtype))
     a = axes[-1]
-    qb = _pad_axis(qf, a, block).reshape(_blocked_shape(q.shape, a, block))
-    w = (qb * scale).reshape(q.shape[:a] + (-1,) + q.shape[a + 1:])
+    w = qwix.dequantize(qwix.QArray(_pad_axis(q, a, block), _qwix_scale(scale, axes, block), qtype=q.dtype))
     return jax.lax.slice_in_dim(w, 0, q.shape[a], axis=a)
 
 
-def quantize_activation(x: jax.Array, axes: tuple[int, ...]) -> tuple[jax.Array, jax.Array]:
-    """Dynamic int8 per token: one scale per position of the non-contracted axes of x."""
-    xf = x.astype(jnp.float32)
-    amax = jnp.max(jnp.abs(xf), axis=axes, keepdims=True)
-    scale = jnp.where(amax > 0, amax / 127.0, 1.0)
-    return jnp.clip(jnp.round(xf / scale), -127, 127).astype(jnp.int8), scale
+def quantize_activation(x: jax.Array, axes: tuple[int, ...]):
+    """Dynamic int8 per token (``qwix.quantize``): one scale per position of the non-contracted axes."""
+    qwix = _qwix()
+    return qwix.quantize(x.astype(jnp.float32), jnp.int8, channelwise_axes=[i for i in range(x.ndim) if i not in axes])
 
 
 def _parse(spec: str) -> tuple[str, str, str]:
@@ -172,19 +190,14 @@ class QuantizedWeight(nnx.Module):
         activations, int8 x int8 -> int32 then rescaled by the token and channel scales."""
         if self.act_bits is None:
             return jnp.einsum(spec, x, self.dequantize(dtype), precision=precision)
+        if self.block is not None:  # Qwix would dequantize a weight tiled this finely before its matmul
+            raise ConfigError(f"int8 activations need per-channel weights, not blocks of {self.block} ({spec})")
         xs, ws, out = _parse(spec)
         contract = [c for c in xs if c in ws and c not in out]
-        if self.block is not None or ws[:len(contract)] != "".join(contract) or \
-                out != "".join(c for c in xs if c not in contract) + ws[len(contract):]:
-            raise ConfigError(f"int8 activations need per-channel weights contracted on their leading axes ({spec})")
-        xq, x_scale = quantize_activation(x, tuple(xs.index(c) for c in contract))
-        acc = jnp.einsum(spec, xq, self.q[...], preferred_element_type=jnp.int32)
-        n_wout = len(ws) - len(contract)
-        batch_shape = tuple(d for d, c in zip(x.shape, xs) if c not in contract)
-        x_s = x_scale.reshape(batch_shape + (1,) * n_wout)
-        w_s = self.scale[...]
-        w_s = w_s.reshape(w_s.shape[len(contract):])
-        return (acc.astype(jnp.float32) * x_s * w_s).astype(dtype)
+        qwix = _qwix()
+        xq = quantize_activation(x, tuple(xs.index(c) for c in contract))
+        w = qwix.QArray(self.q[...], self.scale[...], qtype=self.q[...].dtype)
+        return qwix.einsum(spec, xq, w).astype(dtype)  # int8 x int8 -> int32, then x and w scales in fp32
 
     def take_rows(self, ids: jax.Array) -> jax.Array:
         """Rows ``ids`` of a [V, D] table, dequantized to fp32: ids [...] -> [..., D]."""
@@ -215,7 +228,7 @@ def quantize_module(module, mode: str):
         offset = 1 if layered else 0
         spec = specs[kind]
         q, scale = quantize_array(var[...], tuple(a + offset for a in axes), spec)
-        act_bits = 8 if act and kind != "embed" else None
+        act_bits = 8 if act and kind in PER_TOKEN_KINDS else None
         names = var.get_metadata().get("out_sharding")
         setattr(parent, path[-1], QuantizedWeight(q, scale, axes, spec.block, spec.bits, act_bits, layered, names))
     return module

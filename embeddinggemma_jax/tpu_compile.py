@@ -32,6 +32,7 @@ from embeddinggemma_jax.backend import quiet_topology_env
 from embeddinggemma_jax.errors import InputError
 
 V5E_PEAK_FLOPS = 197e12  # bf16, one chip
+V5E_PEAK_INT8_OPS = 394e12  # int8 x int8 matmuls on the MXU, one chip (--quantize int8)
 V5E_HBM_BANDWIDTH = 819e9  # bytes/s, one chip
 HBM_MARGIN = 0.90  # a bucket fits when its compiled program needs at most this share of HBM
 PROJECTION_METHOD = "roofline over the optimised HLO (dots' FLOPs, ops' bytes, loops x trip count)"
@@ -127,9 +128,9 @@ def _operand_text(rest: str) -> str:
 
 
 class _Roofline:
-    def __init__(self, hlo: str, peak: float, bandwidth: float):
+    def __init__(self, hlo: str, peak: float, bandwidth: float, int8_peak: float = V5E_PEAK_INT8_OPS):
         self.comps, self.entry = _parse(hlo)
-        self.peak, self.bw = peak, bandwidth
+        self.peak, self.bw, self.int8_peak = peak, bandwidth, int8_peak
         self.types = {i.name: i.type for c in self.comps.values() for i in c}
         self._flops: dict[str, float] = {}
 
@@ -198,6 +199,14 @@ class _Roofline:
             return self.comp_flops(sub)
         return 0.0
 
+    def int8_matmul(self, ins: _Instr) -> bool:
+        """A dot or convolution with int8 operands (or a fusion / call holding one): timed at the int8 peak."""
+        if ins.op in ("dot", "convolution"):
+            types = [t for t, _ in self._operand_shapes(ins)[:2]]
+            return len(types) == 2 and all(t == "s8" for t in types)
+        sub = _attr(ins.rest, "calls") or _attr(ins.rest, "to_apply")
+        return ins.op in ("fusion", "call") and bool(sub) and any(self.int8_matmul(i) for i in self.comps.get(sub, []))
+
     def trip_count(self, ins: _Instr) -> int:
         """A while loop's trip count: XLA's known_trip_count, else the constant its condition compares
         the induction variable with (``i < N``, i from 0: how scans and fori_loops lower)."""
@@ -255,11 +264,12 @@ class _Roofline:
                 b = 2 * (_BYTES[ups[1][0]] * math.prod(ups[1][1]) if len(ups) > 1 else _nbytes(ins.type))
             else:
                 b = self._operand_bytes(ins) + _nbytes(ins.type)
-            t = max(f / self.peak, b / self.bw)
+            peak = self.int8_peak if f and self.int8_matmul(ins) else self.peak
+            t = max(f / peak, b / self.bw)
             acc["seconds"] += times * t
             acc["flops"] += times * f
             acc["bytes"] += times * b
-            if f / self.peak >= b / self.bw:
+            if f / peak >= b / self.bw:
                 acc["compute_bound_seconds"] += times * t
         return acc
 
@@ -280,7 +290,8 @@ def memory(compiled) -> dict:
     return parts
 
 
-def _report(compiled, seconds_compile: float, tokens: int, model_flops_per_token: float | None) -> dict:
+def _report(compiled, seconds_compile: float, tokens: int, model_flops_per_token: float | None,
+            peak: float = V5E_PEAK_FLOPS) -> dict:
     mem = memory(compiled)
     hlo = compiled.as_text()
     roof = hlo_roofline(hlo)
@@ -293,7 +304,7 @@ def _report(compiled, seconds_compile: float, tokens: int, model_flops_per_token
            "mosaic_kernels": hlo.count('custom_call_target="tpu_custom_call"'),
            "projection_method": PROJECTION_METHOD, "compile_seconds": round(seconds_compile, 2)}
     if model_flops_per_token is not None and sec > 0:
-        row["projected_mfu"] = model_flops_per_token * tokens / sec / V5E_PEAK_FLOPS
+        row["projected_mfu"] = model_flops_per_token * tokens / sec / peak
     return row
 
 
@@ -318,8 +329,10 @@ class _Spec:  # what ShardedEncoder reads off a model
 
 
 def compile_job(topology: str, buckets=None, model: str | None = None, num_slices: int = 1, rows=None,
-                log=print) -> dict:
-    """Compile the batch job's step for every bucket of ``topology`` (see the module docstring)."""
+                log=print, quantize: str | None = None) -> dict:
+    """Compile the batch job's step for every bucket of ``topology`` (see the module docstring).
+    ``quantize``: a ``quant`` mode; the parameters take its layout (integer values and scales) and
+    int8 x int8 matmuls are timed at 394 TOPS (MFU of ``int8`` against that peak)."""
     from flax import nnx
 
     from embeddinggemma_jax.attention import kernel_for_length, select_impl
@@ -335,7 +348,8 @@ def compile_job(topology: str, buckets=None, model: str | None = None, num_slice
     devices = slice_devices(topo.chips, num_slices)
     mesh = make_mesh((topo.mesh_shape[0] * num_slices, topo.mesh_shape[1]), devices)
     impl = select_impl("tpu", topo.dtype)
-    graphdef, state = nnx.split(abstract_module(enc_cfg, head_cfg, topo.dtype, topo.dtype))
+    graphdef, state = nnx.split(abstract_module(enc_cfg, head_cfg, topo.dtype, topo.dtype, quantize=quantize))
+    peak = V5E_PEAK_INT8_OPS if quantize == "int8" else V5E_PEAK_FLOPS
     enc = ShardedEncoder(_Spec(graphdef, state, impl), mesh, topo.rules_table, place=False)
     all_buckets = buckets_for(head_cfg.max_seq_length, topo.buckets)
     chosen = tuple(buckets) if buckets else all_buckets
@@ -343,7 +357,7 @@ def compile_job(topology: str, buckets=None, model: str | None = None, num_slice
     if bad:
         raise ValueError(f"bucket {bad[0]} is not one of {topo.name}'s buckets: {', '.join(map(str, all_buckets))}")
     table = rows or rows_table(topo, all_buckets, None)
-    out = {"topology": topo.name, "kind": "job", "num_slices": num_slices, "chips": topo.chips * num_slices,
+    out = {"topology": topo.name, "kind": "job", "quantize": quantize, "num_slices": num_slices, "chips": topo.chips * num_slices,
            "hosts": len({d.process_index for d in devices}), "mesh": dict(mesh.shape), "dtype": topo.dtype,
            "hbm_limit_bytes": topologies.V5E_HBM_BYTES, "hbm_margin": HBM_MARGIN,
            "peak_flops": V5E_PEAK_FLOPS, "hbm_bandwidth": V5E_HBM_BANDWIDTH, "buckets": []}
@@ -352,7 +366,7 @@ def compile_job(topology: str, buckets=None, model: str | None = None, num_slice
         t = time.perf_counter()
         exe = enc.compiled((r * enc.batch_split, L))
         row = {"length": L, "rows_per_chip": r, "attention": kernel_for_length(impl, L), "tokens_per_chip": r * L}
-        row.update(_report(exe, time.perf_counter() - t, r * L, flops_per_token(enc_cfg, L)))
+        row.update(_report(exe, time.perf_counter() - t, r * L, flops_per_token(enc_cfg, L), peak))
         out["buckets"].append(row)
         log(format_row(row))
     return finish(out)
@@ -450,6 +464,8 @@ def _ints(text: str) -> tuple[int, ...]:
 
 
 def add_tpu_compile_arguments(p) -> None:
+    from embeddinggemma_jax.quant import MODE_NAMES  # imports jax: not before the topology environment is set
+
     g = p.add_mutually_exclusive_group(required=True)
     g.add_argument("--topology", choices=list(topologies.TOPOLOGIES), help="a tpu/configs slice: the job's step")
     g.add_argument("--train", metavar="CONFIG", help="a tpu/train/*.json config: the training step")
@@ -458,6 +474,8 @@ def add_tpu_compile_arguments(p) -> None:
                                                          "data-centre network (default: 1)")
     p.add_argument("--model", default=None, help="a model folder or hub id whose configs to use (no weights are "
                                                  "read; default: the built-in EmbeddingGemma-300m config)")
+    p.add_argument("--quantize", choices=MODE_NAMES, help="compile the job's step with the parameters of "
+                   "this quantization mode (--topology only); int8 x int8 matmuls timed at 394 TOPS")
     p.add_argument("--json", metavar="FILE", help="write the results as JSON")
     p.add_argument("--markdown", action="store_true", help="also print the table as markdown")
 
@@ -487,9 +505,11 @@ def cmd_tpu_compile(args) -> int:
     if args.train:
         if args.buckets:
             raise ValueError("--buckets is for --topology; a --train config has one length (max_length)")
+        if args.quantize:
+            raise ValueError("--quantize is for --topology (the inference job); training runs in float")
         out = compile_train(args.train, args.model, args.slices)
     else:
-        out = compile_job(args.topology, args.buckets, args.model, args.slices)
+        out = compile_job(args.topology, args.buckets, args.model, args.slices, quantize=args.quantize)
     print(f"{out['topology']} x{out['num_slices']} ({out['chips']} chips, {out['hosts']} hosts, mesh {out['mesh']}): "
           + ("every bucket fits" if out["fits"] else f"buckets {out['too_big']} need more than "
              f"{HBM_MARGIN:.0%} of 16 GiB") + "; times are projections (" + PROJECTION_METHOD + ")")

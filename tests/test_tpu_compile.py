@@ -49,6 +49,14 @@ def test_roofline_counts_a_matmul_and_every_loop_iteration():
     assert 7 in [lp["trip_count"] for lp in seven["loops"]]
     assert seven["seconds"] >= seven["flops"] / tc.V5E_PEAK_FLOPS
 
+    # int8 x int8 -> int32 (--quantize int8) runs at the MXU's int8 peak, twice bf16's
+    a8 = jax.ShapeDtypeStruct((4096, 4096), jnp.int8, sharding=s)
+    i8 = tc.hlo_roofline(jax.jit(lambda a, w: jnp.matmul(a, w, preferred_element_type=jnp.int32))
+                         .lower(a8, a8).compile().as_text())
+    assert i8["flops"] == 2 * 4096 ** 3
+    # the dot at 394 TOPS (plus the program's few other ops), well under what bf16's peak would take
+    assert i8["flops"] / tc.V5E_PEAK_INT8_OPS <= i8["seconds"] < 0.6 * i8["flops"] / tc.V5E_PEAK_FLOPS
+
 
 def test_tiny_model_every_path_on_v5e_2x2(tiny_folder):
     """Shortest bucket (XLA attention) and longest (splash through Mosaic), sliding and full layers."""
@@ -68,6 +76,15 @@ def test_tiny_model_every_path_on_v5e_2x2(tiny_folder):
         assert b["projected_seconds"] >= b["flops_per_chip"] / tc.V5E_PEAK_FLOPS
     # XLA attention counts the band exactly; splash is bounded by full attention on every layer.
     assert short["flops_per_chip"] <= 1.05 * flops_per_token(enc, 12) * short["rows_per_chip"] * 12
+
+
+def test_quantized_job_step_compiles_with_integer_parameters(tiny_folder):
+    float_ = tc.compile_job("v5litepod-4", [12], model=str(tiny_folder), rows={12: 16}, log=lambda _: None)
+    int8 = tc.compile_job("v5litepod-4", [12], model=str(tiny_folder), rows={12: 16}, log=lambda _: None,
+                          quantize="int8")
+    assert int8["quantize"] == "int8" and int8["fits"]
+    # bf16 parameters -> int8 values + fp32 per-channel scales: fewer argument bytes per chip
+    assert int8["buckets"][0]["memory"]["argument"] < float_["buckets"][0]["memory"]["argument"]
 
 
 def test_multi_host_and_multi_slice_meshes(tiny_folder):
