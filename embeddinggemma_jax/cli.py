@@ -12,6 +12,7 @@ import argparse
 import json
 import os
 import sys
+from pathlib import Path
 from typing import Callable, NamedTuple
 
 from conversion import convert, parity
@@ -61,7 +62,11 @@ def add_fetch_arguments(p) -> None:
 
 def add_tpu_configs_arguments(p) -> None:
     p.add_argument("--write", metavar="DIR", help="write one JSON per topology into DIR (e.g. tpu/configs)")
-    p.add_argument("--table", action="store_true", help="print the HBM arithmetic table (markdown)")
+    p.add_argument("--table", action="store_true", help="print the rows-per-chip table from compiled memory (markdown)")
+    p.add_argument("--fit", nargs=2, metavar=("A.json", "B.json"),
+                   help="two tpu-compile --json results of one topology at different rows (e.g. without and with "
+                        "--tokens-per-chip 131072): write the per-bucket fits of compiled HBM vs rows that set the "
+                        "rows per chip (embeddinggemma_jax/v5e_compiled_memory.json), before --write")
 
 
 DEMO_QUERY = "Which planet is known as the Red Planet?"
@@ -120,12 +125,21 @@ def cmd_encode(args) -> int:
 def cmd_tpu_configs(args) -> int:
     from embeddinggemma_jax import topologies
 
+    if args.fit:
+        from embeddinggemma_jax.io_utils import atomic_write_json
+
+        a, b = (json.loads(Path(f).read_text(encoding="utf-8")) for f in args.fit)
+        fits = topologies.fit_memory(a, b)
+        fits["source"] = [str(f) for f in args.fit]
+        atomic_write_json(topologies.COMPILED_MEMORY_FILE, fits)
+        topologies.reload()
+        print(topologies.COMPILED_MEMORY_FILE)
     if args.write:
         for p in topologies.write_configs(args.write):
             print(p)
     if args.table:
         print(topologies.arithmetic_table())
-    if not (args.write or args.table):
+    if not (args.write or args.table or args.fit):
         print(json.dumps({k: v.to_json() for k, v in topologies.TOPOLOGIES.items()}, indent=1))
     return 0
 

@@ -42,9 +42,14 @@ class Block(nnx.Module):
         self.mlp = MLP(D, cfg.intermediate_size, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.dtype = dtype
 
-    def __call__(self, h, key_valid, rope, radius, impl):
-        """h: [B, L, D] fp32 residual stream."""
-        a = self.self_attn(self.input_layernorm(h, self.dtype), key_valid, rope, radius, impl)
+    def attention(self, h, key_valid, rope, radius, impl):
+        """The attention branch, the only part that differs between sliding and full layers: [B, L, D]
+        in ``dtype`` (before the post-attention norm)."""
+        return self.self_attn(self.input_layernorm(h, self.dtype), key_valid, rope, radius, impl)
+
+    def __call__(self, h, key_valid, rope, radius, impl, attn=None):
+        """h: [B, L, D] fp32 residual stream; ``attn``: ``attention(h, ...)`` when already computed."""
+        a = self.attention(h, key_valid, rope, radius, impl) if attn is None else attn
         h = h + self.post_attention_layernorm(a, jnp.float32)
         m = self.mlp(self.pre_feedforward_layernorm(h, self.dtype))
         h = h + self.post_feedforward_layernorm(m, jnp.float32)
@@ -92,12 +97,19 @@ class Encoder(nnx.Module):
         def body(h, xs):
             state, sliding = xs
             block = nnx.merge(graphdef, state)
-            local = partial(block, rope=rope_local, radius=cfg.window_radius, impl=impl)
-            full = partial(block, rope=rope_global, radius=None, impl=impl)
             if all(cfg.sliding_flags) or not any(cfg.sliding_flags):
-                h = (local if cfg.sliding_flags[0] else full)(h, key_valid)
+                local = cfg.sliding_flags[0]
+                h = block(h, key_valid, rope_local if local else rope_global, cfg.window_radius if local else None,
+                          impl)
             else:
-                h = jax.lax.cond(sliding, local, full, h, key_valid)
+                # Only attention differs between sliding and full layers, so the conditional wraps it alone:
+                # its result is a [B, L, D] temporary in ``dtype``, not the fp32 residual stream. (A
+                # conditional's result cannot be the loop's carry: XLA:TPU copied the whole stream every
+                # layer and fused less around it; tpu/README.md, "What limits MFU".)
+                a = jax.lax.cond(sliding,
+                                 partial(block.attention, rope=rope_local, radius=cfg.window_radius, impl=impl),
+                                 partial(block.attention, rope=rope_global, radius=None, impl=impl), h, key_valid)
+                h = block(h, key_valid, None, None, impl, attn=a)
             return h, (h if return_hidden else None)
 
         if remat:

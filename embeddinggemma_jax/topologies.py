@@ -3,9 +3,10 @@
 One table (``TOPOLOGIES``) is the home of these numbers; ``tpu/configs/*.json`` are written from it
 (``embeddinggemma-jax tpu-configs --write tpu/configs``) and a test keeps them in sync.
 
-Batch sizes come from an explicit HBM model (``hbm_bytes_per_row``), shown in ``tpu/README.md``:
-inference keeps the bf16 parameters replicated on every chip, and the encoder is a ``lax.scan``
-over layers, so the activations alive at once are those of ONE layer for every row of the batch.
+Rows per chip come from the TPU compiler, not from a hand model: ``v5e_compiled_memory.json`` holds, per
+bucket, the job step's per-chip HBM (``memory_analysis()``) compiled at two row counts and the line
+through them; the rows are the token budget's unless that line puts them over ``HBM_MARGIN`` of HBM
+(``tpu/README.md`` shows the table and why the budget is 65,536 tokens).
 """
 
 from __future__ import annotations
@@ -14,56 +15,88 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from embeddinggemma_jax.batching import JOB_LENGTH_BUCKETS, round_rows
-from embeddinggemma_jax.config import EncoderConfig
-from embeddinggemma_jax.costs import param_count
 from embeddinggemma_jax.sharding import DATA_PARALLEL_RULES, FSDP_RULES
 
 GIB = 1 << 30
 V5E_HBM_BYTES = 16 * GIB
+HBM_MARGIN = 0.90  # a bucket fits when its compiled program needs at most this share of HBM
 
 RULES = {"data_parallel": DATA_PARALLEL_RULES, "fsdp": FSDP_RULES}
 
-# Memory model constants (see tpu/README.md for the derivation).
-USABLE_FRACTION = 0.85  # XLA keeps part of HBM for its own buffers; never plan to the last byte
-RUNTIME_RESERVE = 1 * GIB  # compiled program, input double-buffers, collectives scratch
-SAFETY_FACTOR = 2.0  # fusion temporaries the per-token count below does not name
-TOKENS_PER_CHIP = 65536  # beyond this the MXU is saturated; bigger batches only add padding waste
+# Rows per chip: the token budget, unless the compiled memory caps it (tpu/README.md: why this budget).
+TOKENS_PER_CHIP = 65536
+# Per bucket, the job step compiled for v5e at two row counts: per-chip HBM = fixed + rows x per_row.
+# Written by `embeddinggemma-jax tpu-configs --fit A.json B.json` from two tpu-compile results.
+COMPILED_MEMORY_FILE = Path(__file__).with_name("v5e_compiled_memory.json")
 
 
-def hbm_bytes_per_token(L: int, cfg: EncoderConfig | None = None, act_bytes: int = 2) -> int:
-    """Peak live activation bytes per token inside one scanned layer (bf16 activations).
+def fit_memory(a: dict, b: dict) -> dict:
+    """Per-bucket fits of compiled per-chip HBM against rows from two ``tpu-compile --json`` results of
+    the same topology at different rows (e.g. the topology's rows and ``--tokens-per-chip`` twice the
+    budget): {"topology", "buckets": {L: {"rows", "hbm_bytes", "projected_tokens_per_second_per_chip",
+    "fixed_bytes", "bytes_per_row"}}}. Buckets compiled in only one of them are left out."""
+    if a.get("kind") != "job" or b.get("kind") != "job" or a["topology"] != b["topology"] \
+            or a.get("num_slices", 1) != b.get("num_slices", 1):
+        raise ValueError("--fit needs two tpu-compile results of the job step on the same topology")
+    other = {x["length"]: x for x in b["buckets"]}
+    out = {}
+    for x in a["buckets"]:
+        y = other.get(x["length"])
+        if y is None:
+            continue
+        (r1, h1, t1), (r2, h2, t2) = sorted(
+            (p["rows_per_chip"], p["hbm_bytes"], p["projected_tokens_per_second_per_chip"]) for p in (x, y))
+        if r1 == r2:
+            raise ValueError(f"bucket {x['length']} has the same rows ({r1}) in both results; compile one "
+                             "at another --tokens-per-chip")
+        per_row = (h2 - h1) / (r2 - r1)
+        out[str(x["length"])] = {"rows": [r1, r2], "hbm_bytes": [h1, h2],
+                                 "projected_tokens_per_second_per_chip": [t1, t2],
+                                 "fixed_bytes": round(h1 - r1 * per_row), "bytes_per_row": round(per_row)}
+    return {"topology": a["topology"], "hbm_limit_bytes": V5E_HBM_BYTES, "buckets": out}
 
-    - residual stream in and out: 2 * D * act_bytes
-    - fp32 RMSNorm temporaries (input and output): 2 * D * 4
-    - q, k, v and the attention output: 2 * (N*H + K*H) * act_bytes
-    - MLP gate, up and gelu(gate)*up: 3 * F * act_bytes
-    - attention scores fp32, masked scores fp32, probabilities: (4 + 4 + act_bytes) * N * keys, with
-      keys = L on the full-attention layers (the widest: they see every token)
-    """
-    c = cfg or EncoderConfig()
-    D, F, N, K, H = c.hidden_size, c.intermediate_size, c.num_heads, c.num_kv_heads, c.head_dim
-    return (2 * D * act_bytes + 2 * D * 4 + 2 * (N * H + K * H) * act_bytes + 3 * F * act_bytes
-            + (8 + act_bytes) * N * L)
+
+def compiled_memory(path: str | Path = COMPILED_MEMORY_FILE) -> dict[int, dict]:
+    import json
+
+    data = json.loads(Path(path).read_text(encoding="utf-8"))
+    return {int(k): v for k, v in data["buckets"].items()}
 
 
-def hbm_bytes_per_row(L: int, cfg: EncoderConfig | None = None) -> int:
-    return L * hbm_bytes_per_token(L, cfg)
-
-
-def usable_activation_bytes(hbm: int = V5E_HBM_BYTES, cfg: EncoderConfig | None = None) -> int:
-    return int(USABLE_FRACTION * hbm) - RUNTIME_RESERVE - 2 * param_count(cfg)  # bf16 params
-
-
-def rows_per_chip(L: int, hbm: int = V5E_HBM_BYTES, tokens_per_chip: int = TOKENS_PER_CHIP) -> dict:
-    """The arithmetic for one bucket: rows allowed by HBM, by the token budget, and the choice."""
-    per_row = hbm_bytes_per_row(L)
-    by_hbm = int(usable_activation_bytes(hbm) // (SAFETY_FACTOR * per_row))
+def rows_per_chip(L: int, memory: dict[int, dict] | None = None, hbm: int = V5E_HBM_BYTES,
+                  tokens_per_chip: int = TOKENS_PER_CHIP) -> dict:
+    """One bucket: rows by the token budget, rows the compiled-memory fit allows under
+    ``HBM_MARGIN`` x ``hbm``, and the choice (the smaller, TPU-rounded)."""
+    fit = memory_fit(L, memory if memory is not None else _MEMORY)
+    by_hbm = int((HBM_MARGIN * hbm - fit["fixed_bytes"]) // fit["bytes_per_row"])
     by_tokens = tokens_per_chip // L
     rows = round_rows(min(by_hbm, by_tokens))
     if rows > by_hbm:
-        raise ValueError(f"bucket {L} does not fit in {hbm / GIB:.0f} GiB of HBM even with one row")
-    return {"length": L, "bytes_per_row": per_row, "rows_by_hbm": by_hbm, "rows_by_tokens": by_tokens,
-            "rows": rows, "tokens": rows * L}
+        raise ValueError(f"bucket {L} does not fit in {HBM_MARGIN:.0%} of {hbm / GIB:.0f} GiB even with one row")
+    return {"length": L, "fixed_bytes": fit["fixed_bytes"], "bytes_per_row": fit["bytes_per_row"],
+            "rows_by_hbm": by_hbm, "rows_by_tokens": by_tokens, "rows": rows, "tokens": rows * L,
+            "projected_hbm_bytes": fit["fixed_bytes"] + rows * fit["bytes_per_row"], "fit": fit["fit"]}
+
+
+def memory_fit(L: int, memory: dict[int, dict]) -> dict:
+    """The compiled fit of bucket L; a bucket compiled at one row count only (not in ``memory``) gets the
+    fit interpolated linearly in L between the nearest compiled buckets (bytes per token and fixed bytes),
+    labelled so."""
+    if L in memory:
+        return dict(memory[L], fit="compiled")
+    lo = max((x for x in memory if x < L), default=None)
+    hi = min((x for x in memory if x > L), default=None)
+    if lo is None or hi is None:
+        raise ValueError(f"bucket {L} has no compiled memory fit in {COMPILED_MEMORY_FILE.name} and none on both "
+                         "sides to interpolate from; compile it: tpu-compile --json A.json, again with "
+                         "--tokens-per-chip, then tpu-configs --fit A.json B.json")
+    w = (L - lo) / (hi - lo)
+    per_token = (1 - w) * memory[lo]["bytes_per_row"] / lo + w * memory[hi]["bytes_per_row"] / hi
+    fixed = (1 - w) * memory[lo]["fixed_bytes"] + w * memory[hi]["fixed_bytes"]
+    return {"fixed_bytes": round(fixed), "bytes_per_row": round(per_token * L), "fit": f"interpolated ({lo}, {hi})"}
+
+
+_MEMORY = compiled_memory()
 
 
 @dataclass(frozen=True)
@@ -106,22 +139,38 @@ def v5e(chips: int) -> Topology:
 TOPOLOGIES: dict[str, Topology] = {t.name: t for t in (v5e(n) for n in (1, 4, 8, 16, 32, 64, 128, 256))}
 
 
+def reload() -> None:
+    """Re-read the compiled memory fits (after ``tpu-configs --fit``) and rebuild ``TOPOLOGIES``."""
+    global _MEMORY
+    _MEMORY = compiled_memory()
+    TOPOLOGIES.clear()
+    TOPOLOGIES.update({t.name: t for t in (v5e(n) for n in (1, 4, 8, 16, 32, 64, 128, 256))})
+
+
 def get(name: str) -> Topology:
     if name not in TOPOLOGIES:
         raise ValueError(f"unknown topology {name!r}; valid: {', '.join(TOPOLOGIES)}")
     return TOPOLOGIES[name]
 
 
-def arithmetic_table() -> str:
-    """The markdown table in tpu/README.md, after a line on the parameter and activation budget."""
-    lines = [f"params: {param_count():,} -> {2 * param_count() / GIB:.2f} GiB in bf16; usable for activations: "
-             f"{usable_activation_bytes() / GIB:.2f} GiB", "",
-             "| bucket L | bytes/token | MB/row | rows by HBM | rows by tokens | rows/chip | tokens/chip |",
-             "|---:|---:|---:|---:|---:|---:|---:|"]
+def arithmetic_table(memory: dict[int, dict] | None = None) -> str:
+    """The markdown table in tpu/README.md: per bucket, the two compiled points, the fit, the rows it
+    allows under the HBM margin, the token budget's rows and the choice."""
+    memory = memory if memory is not None else _MEMORY
+    lines = ["| bucket L | compiled rows | compiled HBM/chip (GiB) | projected tok/s/chip | fit | fixed (GiB) "
+             f"| MB/row | rows by HBM ({HBM_MARGIN:.0%}) | rows by tokens | rows/chip | HBM/chip at rows (GiB) |",
+             "|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|"]
     for L in JOB_LENGTH_BUCKETS:
-        r = rows_per_chip(L)
-        lines.append(f"| {L} | {hbm_bytes_per_token(L)} | {r['bytes_per_row'] / 1e6:.2f} | {r['rows_by_hbm']} | "
-                     f"{r['rows_by_tokens']} | {r['rows']} | {r['tokens']} |")
+        r = rows_per_chip(L, memory)
+        if L in memory:
+            f = memory[L]
+            t1, t2 = f["projected_tokens_per_second_per_chip"]
+            points = (f"{f['rows'][0]} / {f['rows'][1]} | {f['hbm_bytes'][0] / GIB:.2f} / {f['hbm_bytes'][1] / GIB:.2f}"
+                      f" | {t1:,.0f} / {t2:,.0f} ({100 * (t2 / t1 - 1):+.0f}%)")
+        else:
+            points = "- | - | -"
+        lines.append(f"| {L} | {points} | {r['fit']} | {r['fixed_bytes'] / GIB:.2f} | {r['bytes_per_row'] / 1e6:.2f} | "
+                     f"{r['rows_by_hbm']} | {r['rows_by_tokens']} | {r['rows']} | {r['projected_hbm_bytes'] / GIB:.2f} |")
     return "\n".join(lines)
 
 

@@ -34,7 +34,7 @@ from embeddinggemma_jax.errors import InputError
 V5E_PEAK_FLOPS = 197e12  # bf16, one chip
 V5E_PEAK_INT8_OPS = 394e12  # int8 x int8 matmuls on the MXU, one chip (--quantize int8)
 V5E_HBM_BANDWIDTH = 819e9  # bytes/s, one chip
-HBM_MARGIN = 0.90  # a bucket fits when its compiled program needs at most this share of HBM
+HBM_MARGIN = topologies.HBM_MARGIN  # a bucket fits when its compiled program needs at most this share of HBM
 PROJECTION_METHOD = "roofline over the optimised HLO (dots' FLOPs, ops' bytes, loops x trip count)"
 
 # Single-host v5e slices have 1, 4 or 8 chips; multi-host slices 4-chip hosts.
@@ -133,6 +133,7 @@ class _Roofline:
         self.peak, self.bw, self.int8_peak = peak, bandwidth, int8_peak
         self.types = {i.name: i.type for c in self.comps.values() for i in c}
         self._flops: dict[str, float] = {}
+        self.ops: list[dict] = []  # every costed op: where the projected time goes
 
     def _operand_shapes(self, ins: _Instr) -> list[tuple[str, list[int]]]:
         ops = _operand_text(ins.rest)
@@ -266,6 +267,8 @@ class _Roofline:
                 b = self._operand_bytes(ins) + _nbytes(ins.type)
             peak = self.int8_peak if f and self.int8_matmul(ins) else self.peak
             t = max(f / peak, b / self.bw)
+            self.ops.append({"computation": comp or self.entry, "name": ins.name, "op": ins.op, "times": times,
+                             "seconds": times * t, "flops": times * f, "bytes": times * b})
             acc["seconds"] += times * t
             acc["flops"] += times * f
             acc["bytes"] += times * b
@@ -274,10 +277,16 @@ class _Roofline:
         return acc
 
 
-def hlo_roofline(hlo_text: str, peak: float = V5E_PEAK_FLOPS, bandwidth: float = V5E_HBM_BANDWIDTH) -> dict:
+def hlo_roofline(hlo_text: str, peak: float = V5E_PEAK_FLOPS, bandwidth: float = V5E_HBM_BANDWIDTH,
+                 ops: bool = False) -> dict:
     """Projected seconds of one run of an optimised HLO module on one chip (see the module docstring):
-    {"seconds", "flops", "bytes", "compute_bound_seconds", "loops"}."""
-    return _Roofline(hlo_text, peak, bandwidth).run()
+    {"seconds", "flops", "bytes", "compute_bound_seconds", "loops"} (and, with ``ops``, every costed op
+    with its seconds, FLOPs and bytes; a conditional's branches all listed)."""
+    r = _Roofline(hlo_text, peak, bandwidth)
+    out = r.run()
+    if ops:
+        out["ops"] = r.ops
+    return out
 
 
 # ----------------------------------------------------------------------------- compiling
@@ -291,9 +300,14 @@ def memory(compiled) -> dict:
 
 
 def _report(compiled, seconds_compile: float, tokens: int, model_flops_per_token: float | None,
-            peak: float = V5E_PEAK_FLOPS) -> dict:
+            peak: float = V5E_PEAK_FLOPS, hlo_file: str | Path | None = None) -> dict:
     mem = memory(compiled)
     hlo = compiled.as_text()
+    if hlo_file is not None:
+        from embeddinggemma_jax.io_utils import atomic_write_bytes
+
+        Path(hlo_file).parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(hlo_file, hlo.encode())
     roof = hlo_roofline(hlo)
     sec = roof["seconds"]
     row = {"hbm_bytes": mem["hbm_bytes"], "memory": mem, "hbm_fraction": mem["hbm_bytes"] / topologies.V5E_HBM_BYTES,
@@ -329,10 +343,16 @@ class _Spec:  # what ShardedEncoder reads off a model
 
 
 def compile_job(topology: str, buckets=None, model: str | None = None, num_slices: int = 1, rows=None,
-                log=print, quantize: str | None = None) -> dict:
+                log=print, quantize: str | None = None, tokens_per_chip: int | None = None,
+                earlier: dict | None = None, on_bucket=None, hlo_dir: str | Path | None = None) -> dict:
     """Compile the batch job's step for every bucket of ``topology`` (see the module docstring).
+
     ``quantize``: a ``quant`` mode; the parameters take its layout (integer values and scales) and
-    int8 x int8 matmuls are timed at 394 TOPS (MFU of ``int8`` against that peak)."""
+    int8 x int8 matmuls are timed at 394 TOPS (MFU of ``int8`` against that peak).
+    ``tokens_per_chip``: rows per bucket from this token budget instead of the topology's table (what a
+    bigger or smaller batch would need). ``earlier``: a previous result of the same run (topology, slices,
+    rows, quantize): its buckets are kept, not compiled again. ``on_bucket(out)`` is called after each bucket.
+    ``hlo_dir``: write each bucket's optimised HLO there (``L<length>.hlo.txt``)."""
     from flax import nnx
 
     from embeddinggemma_jax.attention import kernel_for_length, select_impl
@@ -356,19 +376,31 @@ def compile_job(topology: str, buckets=None, model: str | None = None, num_slice
     bad = [L for L in chosen if L not in all_buckets]
     if bad:
         raise ValueError(f"bucket {bad[0]} is not one of {topo.name}'s buckets: {', '.join(map(str, all_buckets))}")
-    table = rows or rows_table(topo, all_buckets, None)
-    out = {"topology": topo.name, "kind": "job", "quantize": quantize, "num_slices": num_slices, "chips": topo.chips * num_slices,
+    table = rows or rows_table(topo, all_buckets, tokens_per_chip)
+    out = {"topology": topo.name, "kind": "job", "quantize": quantize, "num_slices": num_slices,
+           "chips": topo.chips * num_slices,
            "hosts": len({d.process_index for d in devices}), "mesh": dict(mesh.shape), "dtype": topo.dtype,
-           "hbm_limit_bytes": topologies.V5E_HBM_BYTES, "hbm_margin": HBM_MARGIN,
+           "tokens_per_chip": tokens_per_chip, "hbm_limit_bytes": topologies.V5E_HBM_BYTES, "hbm_margin": HBM_MARGIN,
            "peak_flops": V5E_PEAK_FLOPS, "hbm_bandwidth": V5E_HBM_BANDWIDTH, "buckets": []}
-    for L in chosen:
+    kept = {b["length"]: b for b in (earlier or {}).get("buckets", [])
+            if earlier.get("num_slices") == num_slices and earlier.get("topology") == topo.name
+            and earlier.get("quantize") == quantize
+            and b["rows_per_chip"] == int(table.get(b["length"], -1))}
+    for L in [L for L in chosen if L in kept]:  # kept buckets first: a later write loses none of them
+        out["buckets"].append(kept[L])
+        log(format_row(kept[L]) + " (kept from the earlier result)")
+    for L in [L for L in chosen if L not in kept]:
         r = int(table[L])
         t = time.perf_counter()
         exe = enc.compiled((r * enc.batch_split, L))
         row = {"length": L, "rows_per_chip": r, "attention": kernel_for_length(impl, L), "tokens_per_chip": r * L}
-        row.update(_report(exe, time.perf_counter() - t, r * L, flops_per_token(enc_cfg, L), peak))
+        row.update(_report(exe, time.perf_counter() - t, r * L, flops_per_token(enc_cfg, L), peak,
+                           Path(hlo_dir) / f"L{L}.hlo.txt" if hlo_dir else None))
         out["buckets"].append(row)
         log(format_row(row))
+        if on_bucket is not None:
+            on_bucket(finish(dict(out)))
+    out["buckets"].sort(key=lambda b: chosen.index(b["length"]))
     return finish(out)
 
 
@@ -476,8 +508,13 @@ def add_tpu_compile_arguments(p) -> None:
                                                  "read; default: the built-in EmbeddingGemma-300m config)")
     p.add_argument("--quantize", choices=MODE_NAMES, help="compile the job's step with the parameters of "
                    "this quantization mode (--topology only); int8 x int8 matmuls timed at 394 TOPS")
-    p.add_argument("--json", metavar="FILE", help="write the results as JSON")
+    p.add_argument("--tokens-per-chip", type=int, default=None,
+                   help="rows per bucket from this token budget per chip instead of the topology's rows (a what-if)")
+    p.add_argument("--json", metavar="FILE", help="write the results as JSON (after every bucket)")
+    p.add_argument("--resume", action="store_true", help="keep the buckets of an earlier --json FILE of the same "
+                                                         "topology, slices, rows and quantization; compile only the others")
     p.add_argument("--markdown", action="store_true", help="also print the table as markdown")
+    p.add_argument("--hlo", metavar="DIR", help="write each bucket's optimised HLO into DIR (L<length>.hlo.txt)")
 
 
 def check_json_target(path) -> None:
@@ -503,13 +540,20 @@ def cmd_tpu_compile(args) -> int:
     if args.slices < 1:
         raise ValueError(f"--slices must be >= 1, got {args.slices}")
     if args.train:
-        if args.buckets:
-            raise ValueError("--buckets is for --topology; a --train config has one length (max_length)")
+        if args.buckets or args.tokens_per_chip or args.resume:
+            raise ValueError("--buckets, --tokens-per-chip and --resume are for --topology; a --train config has "
+                             "one length (max_length)")
         if args.quantize:
             raise ValueError("--quantize is for --topology (the inference job); training runs in float")
         out = compile_train(args.train, args.model, args.slices)
     else:
-        out = compile_job(args.topology, args.buckets, args.model, args.slices, quantize=args.quantize)
+        if args.tokens_per_chip is not None and args.tokens_per_chip < 1:
+            raise ValueError(f"--tokens-per-chip must be >= 1, got {args.tokens_per_chip}")
+        earlier = json.loads(Path(args.json).read_text(encoding="utf-8")) if args.resume and args.json and \
+            Path(args.json).exists() else None
+        save = (lambda o: atomic_write_json(args.json, o)) if args.json else None
+        out = compile_job(args.topology, args.buckets, args.model, args.slices, quantize=args.quantize,
+                          tokens_per_chip=args.tokens_per_chip, earlier=earlier, on_bucket=save, hlo_dir=args.hlo)
     print(f"{out['topology']} x{out['num_slices']} ({out['chips']} chips, {out['hosts']} hosts, mesh {out['mesh']}): "
           + ("every bucket fits" if out["fits"] else f"buckets {out['too_big']} need more than "
              f"{HBM_MARGIN:.0%} of 16 GiB") + "; times are projections (" + PROJECTION_METHOD + ")")

@@ -131,3 +131,10 @@ def test_cli_is_quiet_and_writes_json(tiny_folder, tmp_path):
                        capture_output=True, text=True, env=env, timeout=600)
     assert r.returncode == 1 and "not a tpu-compile result" in r.stderr and len(r.stderr.strip().splitlines()) == 1
     assert notes.read_text() == '{"mine": 1}'  # the user's file is kept
+
+
+def test_resume_keeps_an_earlier_results_buckets_with_the_same_rows(tiny_folder):
+    first = tc.compile_job("v5litepod-1", [12], model=str(tiny_folder), rows={12: 64}, log=lambda _: None)
+    seen = []
+    again = tc.compile_job("v5litepod-1", [12], model=str(tiny_folder), rows={12: 64}, earlier=first, log=seen.append)
+    assert again["buckets"] == first["buckets"] and "kept" in seen[0]  # not compiled again

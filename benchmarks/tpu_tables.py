@@ -1,0 +1,116 @@
+"""Rewrite the compiled-for-v5e tables in tpu/README.md and README.md from tpu/compiled/*.json.
+
+Every table is generated from the checked-in `tpu-compile --json` results, and names the command that
+reproduces its file; the rows-per-chip table comes from `embeddinggemma_jax/v5e_compiled_memory.json`
+(`tpu-configs --table`). Usage (no TPU, no compiling):
+
+    python benchmarks/tpu_tables.py [--check]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+COMPILED = ROOT / "tpu" / "compiled"
+GIB = 1 << 30
+
+
+def command(out: dict, path: Path) -> str:
+    from embeddinggemma_jax import topologies
+    from embeddinggemma_jax.batching import buckets_for
+
+    rel = path.relative_to(ROOT)
+    if out["kind"] == "train":
+        return f"embeddinggemma-jax tpu-compile --train {out['config']} --json {rel}"
+    cmd = f"embeddinggemma-jax tpu-compile --topology {out['topology']}"
+    if out.get("num_slices", 1) > 1:
+        cmd += f" --slices {out['num_slices']}"
+    lengths = [b["length"] for b in out["buckets"]]
+    if sorted(lengths) != list(buckets_for(2048, topologies.get(out["topology"]).buckets)):
+        cmd += " --buckets " + ",".join(map(str, lengths))
+    if out.get("tokens_per_chip"):
+        cmd += f" --tokens-per-chip {out['tokens_per_chip']}"
+    return cmd + f" --json {rel}"
+
+
+def title(out: dict) -> str:
+    slices = f" x {out['num_slices']} slices" if out.get("num_slices", 1) > 1 else ""
+    kind = "TRAIN step" if out["kind"] == "train" else "job step"
+    if out.get("tokens_per_chip"):
+        kind += f" at {out['tokens_per_chip']:,} tokens per chip (twice the job's rows: the memory fit's second point)"
+    return f"{out['topology']}{slices} - {kind}"
+
+
+def rng(values, fmt) -> str:
+    lo, hi = min(values), max(values)
+    return fmt(lo) if fmt(lo) == fmt(hi) else f"{fmt(lo)} - {fmt(hi)}"
+
+
+def results() -> list[tuple[Path, dict]]:
+    def key(p: Path):
+        return p.name.startswith("train-"), p.name.startswith("fit-"), int(re.search(r"litepod-(\d+)", p.name)[1]), p.name
+
+    return [(p, json.loads(p.read_text(encoding="utf-8"))) for p in sorted(COMPILED.glob("*.json"), key=key)]
+
+
+def tables() -> tuple[str, str]:
+    from embeddinggemma_jax.tpu_compile import markdown
+
+    detail, summary = [], [
+        "| compiled | chips (hosts), mesh | buckets | HBM/chip | projected tokens/s/chip | projected MFU | command |",
+        "|---|---|---|---:|---:|---:|---|"]
+    for path, out in results():
+        bs = out["buckets"]
+        mesh = ", ".join(f"{k} {v}" for k, v in out["mesh"].items())
+        detail += [f"**{title(out)}** ({out['chips']} chips, {out['hosts']} hosts, mesh {mesh}), reproduced by",
+                   f"`{command(out, path)}`:", "", markdown(out), ""]
+        lengths = [b["length"] for b in bs]
+        if out["kind"] == "train":
+            nb = f"max_length {lengths[0]}"
+        elif "--buckets" not in command(out, path):
+            nb = f"all {len(bs)} ({min(lengths)}-{max(lengths)})"
+        else:
+            nb = ", ".join(map(str, lengths))
+        summary.append(
+            f"| {title(out)} | {out['chips']} ({out['hosts']}), {mesh} | {nb} | "
+            f"{rng([b['hbm_bytes'] / GIB for b in bs], lambda x: f'{x:.2f}')} GiB | "
+            f"{rng([b['projected_tokens_per_second_per_chip'] for b in bs], lambda x: f'{x:,.0f}')} | "
+            f"{rng([b['projected_mfu'] for b in bs], lambda x: f'{100 * x:.0f}%')} | `{command(out, path)}` |")
+    return "\n".join(detail).rstrip(), "\n".join(summary)
+
+
+def replace_block(text: str, tag: str, body: str) -> str:
+    start, end = f"<!-- {tag} -->", f"<!-- /{tag} -->"
+    i, j = text.index(start) + len(start), text.index(end)
+    return text[:i] + "\n" + body + "\n" + text[j:]
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--check", action="store_true", help="exit 1 if a README is not what the files give")
+    a = ap.parse_args(argv)
+    from embeddinggemma_jax import topologies
+
+    detail, summary = tables()
+    stale = []
+    for path, blocks in ((ROOT / "tpu" / "README.md", {"COMPILED_TABLES": detail,
+                                                        "ROWS_TABLE": topologies.arithmetic_table()}),
+                         (ROOT / "README.md", {"COMPILED_SUMMARY": summary})):
+        text = path.read_text(encoding="utf-8")
+        new = text
+        for tag, body in blocks.items():
+            new = replace_block(new, tag, body)
+        if new != text:
+            stale.append(str(path.relative_to(ROOT)))
+            if not a.check:
+                path.write_text(new, encoding="utf-8")
+    print(("stale: " if a.check else "rewrote: ") + (", ".join(stale) or "nothing"))
+    return 1 if a.check and stale else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
