@@ -114,3 +114,29 @@ def test_cli_is_quiet_and_writes_json(tiny_folder, tmp_path):
                        capture_output=True, text=True, env=env, timeout=600)
     assert r.returncode == 1 and "not a tpu-compile result" in r.stderr and len(r.stderr.strip().splitlines()) == 1
     assert notes.read_text() == '{"mine": 1}'  # the user's file is kept
+
+
+def test_train_overrides_and_gradcache_memory(tiny_folder, tmp_path):
+    """tpu-compile --train's --batch-size / --cached-loss / --mini-batch-size (the train flags, declared once in
+    RunConfig) replace the config's; at the same contrastive batch the cached step needs fewer temporaries."""
+    from embeddinggemma_jax.cli import build_parser
+
+    enc, head = read_folder_configs(tiny_folder)
+    cfg = tmp_path / "tiny-4.json"
+    cfg.write_text(json.dumps({"dtype": "bfloat16", "mesh": [4, 1], "batch_size": 16, "max_length": 32,
+                               "pad_to_max_length": True, "matryoshka_dims": [head.out_features]}))
+    args = build_parser().parse_args(["tpu-compile", "--train", str(cfg), "--batch-size", "256", "--cached-loss",
+                                      "--mini-batch-size", "16"])
+    ov = tc.train_overrides(args)
+    assert ov == {"batch_size": 256, "cached_loss": True, "mini_batch_size": 16}
+    (cached,) = tc.compile_train(str(cfg), model=str(tiny_folder), overrides=ov, log=lambda _: None)["buckets"]
+    (plain,) = tc.compile_train(str(cfg), model=str(tiny_folder), overrides={"batch_size": 256},
+                                log=lambda _: None)["buckets"]
+    assert (cached["batch_size"], cached["cached_loss"], cached["mini_batch_size"]) == (256, True, 16)
+    assert (plain["batch_size"], plain["cached_loss"], plain["mini_batch_size"]) == (256, False, None)
+    assert cached["rows_per_chip"] == plain["rows_per_chip"] == 2 * 256 // 4 and cached["tokens_per_chip"] == 128 * 32
+    assert cached["memory"]["temp"] < plain["memory"]["temp"]
+    with pytest.raises(ValueError, match="must divide --batch-size"):
+        tc.compile_train(str(cfg), model=str(tiny_folder), overrides=dict(ov, mini_batch_size=24), log=lambda _: None)
+    with pytest.raises(ValueError, match="is for --train"):
+        tc.cmd_tpu_compile(build_parser().parse_args(["tpu-compile", "--topology", "v5litepod-4", "--batch-size", "8"]))

@@ -423,6 +423,25 @@ def test_tpu_training_configs_parse(tmp_path):
         run_config(args)
 
 
+def test_url_output_dir_is_refused_in_one_line(tmp_path, tiny_folder):
+    """``Path("gs://b/run")`` is the local folder ``gs:/b/run``: a run would have written its checkpoints
+    there unseen. It is refused before anything is read or written (train and train-export)."""
+    train = tmp_path / "t.jsonl"
+    train.write_text('{"query": "a", "positive": "b"}\n')
+    from embeddinggemma_jax.errors import InputError
+    from embeddinggemma_jax.train.run import export_checkpoint
+
+    r = subprocess.run([sys.executable, "-m", "embeddinggemma_jax.cli", "train", "--model", str(tiny_folder),
+                        "--train-file", str(train), "--output-dir", "gs://bucket/run"], capture_output=True, text=True,
+                       cwd=tmp_path, env=dict(os.environ, PYTHONPATH=str(ROOT), JAX_PLATFORMS="cpu"), timeout=300)
+    assert r.returncode != 0 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert "--output-dir gs://bucket/run" in r.stderr and "gcsfuse" in r.stderr, r.stderr
+    for run_dir, out_dir in (("gs://bucket/run", tmp_path / "final"), (tmp_path, "s3://bucket/final")):
+        with pytest.raises(InputError, match="://"):
+            export_checkpoint(run_dir, out_dir)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["t.jsonl"]  # no local gs: or s3: folder
+
+
 # ----------------------------------------------------------------------------- multi-host
 def _train_cmd(tiny_folder, train, out, *extra):
     return [sys.executable, "-m", "embeddinggemma_jax.cli", "train", "--model", str(tiny_folder), "--train-file",
