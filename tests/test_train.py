@@ -414,7 +414,7 @@ def test_tpu_training_configs_parse(tmp_path):
         assert d is None or rc.batch_size % (d[0] * d[1]) == 0
         if rc.train.cached_loss:  # mini-batches divide the batch and split evenly over the chips
             M = rc.train.mini_batch_size
-            assert rc.batch_size % M == 0 and M % (d[0] * d[1]) == 0, path
+            assert rc.batch_size % M == 0 and M % (d[0] * d[1] if d else 1) == 0, path
         assert rc.distributed.multihost == (d is not None and d[0] * d[1] > 8), path  # > 8 chips: several hosts
     bad = tmp_path / "bad.json"
     bad.write_text('{"batchsize": 3}')
