@@ -80,14 +80,28 @@ def search(config: str, cached: bool, mini: int | None, fsdp: bool | None, start
     return good, bad
 
 
+def as_probe(path: Path) -> dict:
+    """A probe row, from a probe file or from a config's own ``tpu-compile --train --json`` result (marked)."""
+    r = json.loads(path.read_text())
+    if "buckets" in r:  # tpu/compiled/train-<config>.json: the config as checked in
+        (row,) = r["buckets"]
+        row = dict(row, config=r["config"], chips=r["chips"], hosts=r["hosts"], mesh=r["mesh"], is_config=True,
+                   fits=row["hbm_bytes"] <= r["hbm_margin"] * r["hbm_limit_bytes"])
+        return row
+    return r
+
+
 def table(out: Path) -> str:
-    rows = sorted((json.loads(p.read_text()) for p in out.glob("*.json")),
-                  key=lambda r: (r["chips"], r["config"], r["rules"], r["cached_loss"], r["batch_size"]))
-    lines = ["| config | chips | rules | batch (pairs) | cached (mini-batch) | HBM/chip (GiB) | of 16 GiB | fits (<= 90%) "
-             "| projected step (s) |", "|---|---:|---|---:|---|---:|---:|---|---:|"]
+    """Markdown: every probe of ``out`` and every ``train-*.json`` next to it (the configs as checked in, in bold)."""
+    files = sorted(out.glob("*.json")) + sorted(out.parent.glob("train-*.json"))
+    rows = sorted((r for r in map(as_probe, files) if "batch_size" in r),  # older results lack the settings
+                  key=lambda r: (r["chips"], r["rules"], r["cached_loss"], r["batch_size"], not r.get("is_config")))
+    lines = ["| config | chips (hosts) | rules | batch (pairs) | cached (mini-batch) | HBM/chip (GiB) | of 16 GiB "
+             "| fits (<= 90%) | projected step (s) |", "|---|---:|---|---:|---|---:|---:|---|---:|"]
     for r in rows:
         step = "" if r.get("out_of_hbm") else f"{r['projected_seconds']:.2f}"
-        lines.append(f"| {Path(r['config']).stem} | {r['chips']} | {r['rules']} | {r['batch_size']} | "
+        name = f"**{Path(r['config']).stem}** (as checked in)" if r.get("is_config") else Path(r["config"]).stem
+        lines.append(f"| {name} | {r['chips']} ({r['hosts']}) | {r['rules']} | {r['batch_size']} | "
                      + (f"yes ({r['mini_batch_size']})" if r["cached_loss"] else "no")
                      + f" | {r['hbm_bytes'] / GIB:.2f} | {100 * r['hbm_fraction']:.0f}% | "
                      + ("yes" if r["fits"] else "no" + (" (XLA: out of HBM)" if r.get("out_of_hbm") else ""))
