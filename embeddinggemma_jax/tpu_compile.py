@@ -424,7 +424,10 @@ def compile_train(config: str, model: str | None = None, num_slices: int = 1, lo
     return finish(out)
 
 
-_OUT_OF_HBM = re.compile(r"Ran out of memory in memory space hbm\. Used ([0-9.]+)([KMGT])? of")
+# XLA:TPU's refusals: "Ran out of memory on HBM, the total memory required for HLO temporaries (60.00G) exceeds
+# available HBM (15.75G)" (seen with libtpu 0.0.42) or "Ran out of memory in memory space hbm. Used 17.5G of 15.75G".
+_OUT_OF_HBM = re.compile(r"Ran out of memory (?:on HBM, the total memory required for [^(]*\(|in memory space hbm\. "
+                         r"Used )([0-9.]+)([KMGT])?")
 
 
 def out_of_hbm(error: Exception) -> int | None:

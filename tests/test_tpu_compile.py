@@ -140,3 +140,21 @@ def test_train_overrides_and_gradcache_memory(tiny_folder, tmp_path):
         tc.compile_train(str(cfg), model=str(tiny_folder), overrides=dict(ov, mini_batch_size=24), log=lambda _: None)
     with pytest.raises(ValueError, match="is for --train"):
         tc.cmd_tpu_compile(build_parser().parse_args(["tpu-compile", "--topology", "v5litepod-4", "--batch-size", "8"]))
+
+
+def test_a_program_over_hbm_is_reported_with_the_compilers_count():
+    """XLA:TPU refuses to compile a program that needs more than a chip's HBM; ``out_of_hbm`` reads how much
+    it would need from the error (how ``compile_train`` reports a batch that does not fit)."""
+    import jax
+    import jax.numpy as jnp
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    from embeddinggemma_jax.sharding import make_mesh
+
+    mesh = make_mesh((1, 1), tc.slice_devices(1))
+    x = jax.ShapeDtypeStruct((5 * GIB,), jnp.float32, sharding=NamedSharding(mesh, PartitionSpec()))  # 20 GiB
+    with pytest.raises(Exception) as e:
+        jax.jit(lambda a: (a * 2, a + 1)).lower(x).compile()
+    need = tc.out_of_hbm(e.value)
+    assert need is not None and need > 16 * GIB, str(e.value)[:300]
+    assert tc.out_of_hbm(ValueError("something else")) is None
