@@ -96,12 +96,13 @@ def table(out: Path) -> str:
     files = sorted(out.glob("*.json")) + sorted(out.parent.glob("train-*.json"))
     rows = sorted((r for r in map(as_probe, files) if "batch_size" in r),  # older results lack the settings
                   key=lambda r: (r["chips"], r["rules"], r["cached_loss"], r["batch_size"], not r.get("is_config")))
-    lines = ["| config | chips (hosts) | rules | batch (pairs) | cached (mini-batch) | HBM/chip (GiB) | of 16 GiB "
-             "| fits (<= 90%) | projected step (s) |", "|---|---:|---|---:|---|---:|---:|---|---:|"]
+    lines = ["| config | chips (hosts) | mesh data x fsdp | rules | batch (pairs) | cached (mini-batch) | HBM/chip (GiB) | of 16 GiB "
+             "| fits (<= 90%) | projected step (s) |", "|---|---:|---|---|---:|---|---:|---:|---|---:|"]
     for r in rows:
         step = "" if r.get("out_of_hbm") else f"{r['projected_seconds']:.2f}"
         name = f"**{Path(r['config']).stem}** (as checked in)" if r.get("is_config") else Path(r["config"]).stem
-        lines.append(f"| {name} | {r['chips']} ({r['hosts']}) | {r['rules']} | {r['batch_size']} | "
+        mesh = " x ".join(str(v) for k, v in r["mesh"].items() if k != "slice")
+        lines.append(f"| {name} | {r['chips']} ({r['hosts']}) | {mesh} | {r['rules']} | {r['batch_size']} | "
                      + (f"yes ({r['mini_batch_size']})" if r["cached_loss"] else "no")
                      + f" | {r['hbm_bytes'] / GIB:.2f} | {100 * r['hbm_fraction']:.0f}% | "
                      + ("yes" if r["fits"] else "no" + (" (XLA: out of HBM)" if r.get("out_of_hbm") else ""))
