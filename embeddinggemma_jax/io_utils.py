@@ -64,6 +64,18 @@ def remove_stale_staging(target: str | os.PathLike) -> list[Path]:
     return removed
 
 
+def check_local_folder(path: str | os.PathLike | None, flag: str) -> None:
+    """Refuse a URL (``gs://...``, any ``scheme://``) where a folder is written through the local filesystem:
+    ``Path("gs://b/run")`` would silently become a local folder named ``gs:``."""
+    from embeddinggemma_jax.errors import InputError
+
+    text = os.fspath(path) if path is not None else ""
+    if "://" in text:
+        raise InputError(f"{flag} {text}: this folder is written through the local filesystem, not a "
+                         f"{text.split('://', 1)[0]}:// URL; on a pod use a folder every host mounts (Cloud Storage "
+                         "FUSE: gcsfuse BUCKET /gcs/BUCKET, then /gcs/BUCKET/run) or a shared disk")
+
+
 def check_replaceable(out_dir: str | os.PathLike, is_kind, kind: str) -> None:
     """Refuse to replace an existing, non-empty folder that is not of the kind being written: a
     folder of the user's own files is never wiped."""

@@ -72,9 +72,16 @@ def _is_bool(t) -> bool:
     return t is bool
 
 
-def add_arguments(parser: argparse.ArgumentParser, cls) -> None:
-    """One flag per declared field of ``cls`` (and of its nested dataclasses)."""
-    for fl in _flags(cls):
+def add_arguments(parser: argparse.ArgumentParser, cls, only: tuple[str, ...] | None = None) -> None:
+    """One flag per declared field of ``cls`` (and of its nested dataclasses); ``only``: just the fields
+    with these config keys (e.g. another command overriding a few of a config file's settings)."""
+    flags = list(_flags(cls))
+    if only is not None:
+        missing = sorted(set(only) - {fl.key for fl in flags})
+        if missing:
+            raise KeyError(f"{cls.__name__} declares no settings {missing}")
+        flags = [fl for fl in flags if fl.key in only]
+    for fl in flags:
         m = fl.field.metadata
         default = _default(fl.field)
         shown = "required" if m.get("required") else f"default: {_show(default)}"

@@ -404,8 +404,14 @@ def compile_job(topology: str, buckets=None, model: str | None = None, num_slice
     return finish(out)
 
 
-def compile_train(config: str, model: str | None = None, num_slices: int = 1, log=print) -> dict:
-    """Compile the training step of a ``tpu/train/*.json`` config on its v5e slice."""
+# Settings of a tpu/train config that ``tpu-compile --train`` can override (declared in RunConfig/TrainConfig).
+TRAIN_OVERRIDES = ("batch_size", "cached_loss", "mini_batch_size", "fsdp", "mesh", "grad_accum")
+
+
+def compile_train(config: str, model: str | None = None, num_slices: int = 1, log=print,
+                  overrides: dict | None = None) -> dict:
+    """Compile the training step of a ``tpu/train/*.json`` config on its v5e slice; ``overrides``:
+    {config key: value} of ``TRAIN_OVERRIDES`` replacing the file's (as the ``train`` flags do)."""
     import jax
     import jax.numpy as jnp
 
@@ -417,7 +423,10 @@ def compile_train(config: str, model: str | None = None, num_slices: int = 1, lo
     from embeddinggemma_jax.train.losses import check_matryoshka
     from embeddinggemma_jax.train.run import RunConfig
 
-    rc = options.build(RunConfig, None, options.read_config(config, RunConfig), train_file="-", output_dir="-")
+    bad = sorted(set(overrides or {}) - set(TRAIN_OVERRIDES))
+    if bad:
+        raise ValueError(f"cannot override {bad} of a train config; these can be: {', '.join(TRAIN_OVERRIDES)}")
+    rc = options.build(RunConfig, overrides, options.read_config(config, RunConfig), train_file="-", output_dir="-")
     cfg = rc.train
     chips = math.prod(cfg.mesh_shape) if cfg.mesh_shape else int(Path(config).stem.rsplit("-", 1)[-1])
     name = f"v5litepod-{chips}"
@@ -432,22 +441,47 @@ def compile_train(config: str, model: str | None = None, num_slices: int = 1, lo
     dims, weights = check_matryoshka(cfg.matryoshka_dims, cfg.matryoshka_weights, head_cfg.out_features)
     jitted = st.jitted_train_step(t, cfg, tx, shardings, dims, weights)
     A, B, L = cfg.grad_accum, rc.batch_size, rc.max_length
+    st.check_batch(t, cfg, B)  # the train command's own check: a batch the mesh (and mini-batch) divide
     # pairs without a hard negative: queries [A, B, L], documents [A, 1, B, L]
     q = jax.ShapeDtypeStruct((A, B, L), jnp.int32, sharding=t.batch_sharding((A, B, L)))
     d = jax.ShapeDtypeStruct((A, 1, B, L), jnp.int32, sharding=t.batch_sharding((A, 1, B, L)))
     tm = time.perf_counter()
-    exe = jitted.lower(state, t.frozen, q, q, d, d).compile()
     tokens = 2 * A * B * L // (chips * num_slices)  # queries and documents per chip per step
+    try:
+        exe = jitted.lower(state, t.frozen, q, q, d, d).compile()
+    except Exception as e:  # noqa: BLE001 - XLA:TPU refuses a program that does not fit in HBM
+        exe, used = None, out_of_hbm(e)
+        if used is None:
+            raise
     row = {"length": L, "rows_per_chip": 2 * A * B // (chips * num_slices), "attention": "xla",
-           "tokens_per_chip": tokens, "remat": cfg.remat, "rules": "fsdp" if cfg.fsdp else "data_parallel"}
-    # Training: forward + backward (+ the remat forward) is ~3-4x the forward's FLOPs.
-    row.update(_report(exe, time.perf_counter() - tm, tokens, 3 * flops_per_token(enc_cfg, L)))
+           "tokens_per_chip": tokens, "remat": cfg.remat, "rules": "fsdp" if cfg.fsdp else "data_parallel",
+           "batch_size": B, "grad_accum": A, "cached_loss": cfg.cached_loss,
+           "mini_batch_size": cfg.mini_batch_size if cfg.cached_loss else None}
+    if exe is None:  # the compiler's own count of what it would need; no program, so no projection
+        row.update({"hbm_bytes": used, "hbm_fraction": used / topologies.V5E_HBM_BYTES, "out_of_hbm": True,
+                    "compile_seconds": round(time.perf_counter() - tm, 2)})
+    else:  # training: forward + backward (+ the remat forward) is ~3-4x the forward's FLOPs
+        row.update(_report(exe, time.perf_counter() - tm, tokens, 3 * flops_per_token(enc_cfg, L)))
     out = {"topology": name, "kind": "train", "config": str(config), "num_slices": num_slices,
            "chips": chips * num_slices, "hosts": len({d.process_index for d in devices}), "mesh": dict(mesh.shape),
            "dtype": cfg.dtype, "hbm_limit_bytes": topologies.V5E_HBM_BYTES, "hbm_margin": HBM_MARGIN,
            "peak_flops": V5E_PEAK_FLOPS, "hbm_bandwidth": V5E_HBM_BANDWIDTH, "buckets": [row]}
     log(format_row(row))
     return finish(out)
+
+
+# XLA:TPU's refusals: "Ran out of memory on HBM, the total memory required for HLO temporaries (60.00G) exceeds
+# available HBM (15.75G)" (seen with libtpu 0.0.42) or "Ran out of memory in memory space hbm. Used 17.5G of 15.75G".
+_OUT_OF_HBM = re.compile(r"Ran out of memory (?:on HBM, the total memory required for [^(]*\(|in memory space hbm\. "
+                         r"Used )([0-9.]+)([KMGT])?")
+
+
+def out_of_hbm(error: Exception) -> int | None:
+    """The bytes XLA:TPU says a program needs when it refuses to compile it for lack of HBM, else None."""
+    m = _OUT_OF_HBM.search(str(error))
+    if not m:
+        return None
+    return int(float(m.group(1)) * 1024 ** " KMGT".index(m.group(2) or " "))
 
 
 def finish(out: dict) -> dict:
@@ -458,9 +492,14 @@ def finish(out: dict) -> dict:
 
 
 def format_row(b: dict) -> str:
+    train = (f"batch={b['batch_size']} x{b['grad_accum']} " + (f"cached mini={b['mini_batch_size']} "
+             if b["cached_loss"] else "") + f"{b['rules']} ") if "batch_size" in b else ""
+    if b.get("out_of_hbm"):
+        return (f"{train}L={b['length']:5d} rows/chip={b['rows_per_chip']:5d} does not compile: XLA:TPU ran out of "
+                f"HBM (needs {b['hbm_bytes'] / 2**30:.2f} GiB per chip) compile {b['compile_seconds']:.1f}s")
     tps = b["projected_tokens_per_second_per_chip"]
     mfu = b.get("projected_mfu")
-    return (f"L={b['length']:5d} rows/chip={b['rows_per_chip']:5d} {b['attention']:6s} "
+    return (f"{train}L={b['length']:5d} rows/chip={b['rows_per_chip']:5d} {b['attention']:6s} "
             f"HBM {b['hbm_bytes'] / 2**30:6.2f} GiB ({100 * b['hbm_fraction']:5.1f}%, headroom "
             f"{(topologies.V5E_HBM_BYTES - b['hbm_bytes']) / 2**30:5.2f} GiB) "
             f"FLOPs/chip {b['flops_per_chip']:.3e} projected {b['projected_seconds'] * 1e3:8.2f} ms "
@@ -472,6 +511,10 @@ def markdown(out: dict) -> str:
     lines = ["| bucket L | rows/chip | attention | HBM/chip (GiB) | of 16 GiB | FLOPs/chip | projected ms/step "
              "| projected tokens/s/chip | projected MFU |", "|---:|---:|---|---:|---:|---:|---:|---:|---:|"]
     for b in out["buckets"]:
+        if b.get("out_of_hbm"):
+            lines.append(f"| {b['length']} | {b['rows_per_chip']} | {b['attention']} | {b['hbm_bytes'] / 2**30:.2f} | "
+                         f"{100 * b['hbm_fraction']:.0f}% | does not compile (out of HBM) | | | |")
+            continue
         mfu = b.get("projected_mfu")
         lines.append(f"| {b['length']} | {b['rows_per_chip']} | {b['attention']} | {b['hbm_bytes'] / 2**30:.2f} | "
                      f"{100 * b['hbm_fraction']:.0f}% | {b['flops_per_chip']:.3g} | {b['projected_seconds'] * 1e3:.2f} | "
@@ -510,6 +553,11 @@ def add_tpu_compile_arguments(p) -> None:
                    "this quantization mode (--topology only); int8 x int8 matmuls timed at 394 TOPS")
     p.add_argument("--tokens-per-chip", type=int, default=None,
                    help="rows per bucket from this token budget per chip instead of the topology's rows (a what-if)")
+    from embeddinggemma_jax import options
+    from embeddinggemma_jax.train.run import RunConfig
+
+    g = p.add_argument_group("with --train: override the config's settings (the train command's flags)")
+    options.add_arguments(g, RunConfig, only=TRAIN_OVERRIDES)
     p.add_argument("--json", metavar="FILE", help="write the results as JSON (after every bucket)")
     p.add_argument("--resume", action="store_true", help="keep the buckets of an earlier --json FILE of the same "
                                                          "topology, slices, rows and quantization; compile only the others")
@@ -532,6 +580,11 @@ def check_json_target(path) -> None:
                          "pass a new file name")
 
 
+def train_overrides(args) -> dict:
+    """The ``TRAIN_OVERRIDES`` flags given on the command line (argparse leaves out the others)."""
+    return {k: getattr(args, k) for k in TRAIN_OVERRIDES if hasattr(args, k)}
+
+
 def cmd_tpu_compile(args) -> int:
     from embeddinggemma_jax.io_utils import atomic_write_json
 
@@ -545,8 +598,11 @@ def cmd_tpu_compile(args) -> int:
                              "one length (max_length)")
         if args.quantize:
             raise ValueError("--quantize is for --topology (the inference job); training runs in float")
-        out = compile_train(args.train, args.model, args.slices)
+        out = compile_train(args.train, args.model, args.slices, overrides=train_overrides(args))
     else:
+        if train_overrides(args):
+            raise ValueError(f"--{next(iter(train_overrides(args))).replace('_', '-')} is for --train "
+                             "(a train config's setting); --topology compiles the batch job")
         if args.tokens_per_chip is not None and args.tokens_per_chip < 1:
             raise ValueError(f"--tokens-per-chip must be >= 1, got {args.tokens_per_chip}")
         earlier = json.loads(Path(args.json).read_text(encoding="utf-8")) if args.resume and args.json and \

@@ -138,3 +138,47 @@ def test_resume_keeps_an_earlier_results_buckets_with_the_same_rows(tiny_folder)
     seen = []
     again = tc.compile_job("v5litepod-1", [12], model=str(tiny_folder), rows={12: 64}, earlier=first, log=seen.append)
     assert again["buckets"] == first["buckets"] and "kept" in seen[0]  # not compiled again
+
+
+def test_train_overrides_and_gradcache_memory(tiny_folder, tmp_path):
+    """tpu-compile --train's --batch-size / --cached-loss / --mini-batch-size (the train flags, declared once in
+    RunConfig) replace the config's; at the same contrastive batch the cached step needs fewer temporaries."""
+    from embeddinggemma_jax.cli import build_parser
+
+    enc, head = read_folder_configs(tiny_folder)
+    cfg = tmp_path / "tiny-4.json"
+    cfg.write_text(json.dumps({"dtype": "bfloat16", "mesh": [4, 1], "batch_size": 16, "max_length": 32,
+                               "pad_to_max_length": True, "matryoshka_dims": [head.out_features]}))
+    args = build_parser().parse_args(["tpu-compile", "--train", str(cfg), "--batch-size", "256", "--cached-loss",
+                                      "--mini-batch-size", "16"])
+    ov = tc.train_overrides(args)
+    assert ov == {"batch_size": 256, "cached_loss": True, "mini_batch_size": 16}
+    (cached,) = tc.compile_train(str(cfg), model=str(tiny_folder), overrides=ov, log=lambda _: None)["buckets"]
+    (plain,) = tc.compile_train(str(cfg), model=str(tiny_folder), overrides={"batch_size": 256},
+                                log=lambda _: None)["buckets"]
+    assert (cached["batch_size"], cached["cached_loss"], cached["mini_batch_size"]) == (256, True, 16)
+    assert (plain["batch_size"], plain["cached_loss"], plain["mini_batch_size"]) == (256, False, None)
+    assert cached["rows_per_chip"] == plain["rows_per_chip"] == 2 * 256 // 4 and cached["tokens_per_chip"] == 128 * 32
+    assert cached["memory"]["temp"] < plain["memory"]["temp"]
+    with pytest.raises(ValueError, match="must divide --batch-size"):
+        tc.compile_train(str(cfg), model=str(tiny_folder), overrides=dict(ov, mini_batch_size=24), log=lambda _: None)
+    with pytest.raises(ValueError, match="is for --train"):
+        tc.cmd_tpu_compile(build_parser().parse_args(["tpu-compile", "--topology", "v5litepod-4", "--batch-size", "8"]))
+
+
+def test_a_program_over_hbm_is_reported_with_the_compilers_count():
+    """XLA:TPU refuses to compile a program that needs more than a chip's HBM; ``out_of_hbm`` reads how much
+    it would need from the error (how ``compile_train`` reports a batch that does not fit)."""
+    import jax
+    import jax.numpy as jnp
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    from embeddinggemma_jax.sharding import make_mesh
+
+    mesh = make_mesh((1, 1), tc.slice_devices(1))
+    x = jax.ShapeDtypeStruct((5 * GIB,), jnp.float32, sharding=NamedSharding(mesh, PartitionSpec()))  # 20 GiB
+    with pytest.raises(Exception) as e:
+        jax.jit(lambda a: (a * 2, a + 1)).lower(x).compile()
+    need = tc.out_of_hbm(e.value)
+    assert need is not None and need > 16 * GIB, str(e.value)[:300]
+    assert tc.out_of_hbm(ValueError("something else")) is None

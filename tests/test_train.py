@@ -414,13 +414,32 @@ def test_tpu_training_configs_parse(tmp_path):
         assert d is None or rc.batch_size % (d[0] * d[1]) == 0
         if rc.train.cached_loss:  # mini-batches divide the batch and split evenly over the chips
             M = rc.train.mini_batch_size
-            assert rc.batch_size % M == 0 and M % (d[0] * d[1]) == 0, path
+            assert rc.batch_size % M == 0 and M % (d[0] * d[1] if d else 1) == 0, path
         assert rc.distributed.multihost == (d is not None and d[0] * d[1] > 8), path  # > 8 chips: several hosts
     bad = tmp_path / "bad.json"
     bad.write_text('{"batchsize": 3}')
     args = build_parser().parse_args(["train", "--config", str(bad)])
     with pytest.raises(ValueError, match="unknown keys"):
         run_config(args)
+
+
+def test_url_output_dir_is_refused_in_one_line(tmp_path, tiny_folder):
+    """``Path("gs://b/run")`` is the local folder ``gs:/b/run``: a run would have written its checkpoints
+    there unseen. It is refused before anything is read or written (train and train-export)."""
+    train = tmp_path / "t.jsonl"
+    train.write_text('{"query": "a", "positive": "b"}\n')
+    from embeddinggemma_jax.errors import InputError
+    from embeddinggemma_jax.train.run import export_checkpoint
+
+    r = subprocess.run([sys.executable, "-m", "embeddinggemma_jax.cli", "train", "--model", str(tiny_folder),
+                        "--train-file", str(train), "--output-dir", "gs://bucket/run"], capture_output=True, text=True,
+                       cwd=tmp_path, env=dict(os.environ, PYTHONPATH=str(ROOT), JAX_PLATFORMS="cpu"), timeout=300)
+    assert r.returncode != 0 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert "--output-dir gs://bucket/run" in r.stderr and "gcsfuse" in r.stderr, r.stderr
+    for run_dir, out_dir in (("gs://bucket/run", tmp_path / "final"), (tmp_path, "s3://bucket/final")):
+        with pytest.raises(InputError, match="://"):
+            export_checkpoint(run_dir, out_dir)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["t.jsonl"]  # no local gs: or s3: folder
 
 
 # ----------------------------------------------------------------------------- multi-host

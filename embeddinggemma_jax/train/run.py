@@ -21,6 +21,7 @@ from flax import nnx
 from embeddinggemma_jax.batching import TRAIN_LENGTH_BUCKETS
 from embeddinggemma_jax.distributed import Distributed, allgather_ints, barrier, is_primary
 from embeddinggemma_jax.hub import DEFAULT_MODEL
+from embeddinggemma_jax.io_utils import check_local_folder
 from embeddinggemma_jax.options import differences, flat_dict, ints, option
 from embeddinggemma_jax.train import step as st
 from embeddinggemma_jax.train.checkpointing import TrainCheckpoints
@@ -64,6 +65,7 @@ class RunConfig:
         for name in ("train_file", "output_dir"):
             if not getattr(self, name):
                 raise ValueError(f"--{name.replace('_', '-')} is required (on the command line or in --config)")
+        check_local_folder(self.output_dir, "--output-dir")  # checkpoints, metrics.jsonl, final/
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -243,6 +245,8 @@ def export_checkpoint(output_dir: str | Path, out_dir: str | Path, step: int | N
     from embeddinggemma_jax.export import is_exported_folder
     from embeddinggemma_jax.io_utils import check_replaceable
 
+    check_local_folder(output_dir, "run_dir")
+    check_local_folder(out_dir, "out_dir")
     check_replaceable(out_dir, is_exported_folder, "a model folder written by embeddinggemma-jax")
     ckpt = TrainCheckpoints(Path(output_dir) / "checkpoints")
     try:
