@@ -14,6 +14,8 @@ import json
 import re
 from pathlib import Path
 
+from embeddinggemma_jax.io_utils import atomic_write_bytes
+
 ROOT = Path(__file__).resolve().parents[1]
 COMPILED = ROOT / "tpu" / "compiled"
 GIB = 1 << 30
@@ -34,12 +36,16 @@ def command(out: dict, path: Path) -> str:
         cmd += " --buckets " + ",".join(map(str, lengths))
     if out.get("tokens_per_chip"):
         cmd += f" --tokens-per-chip {out['tokens_per_chip']}"
+    if out.get("quantize"):
+        cmd += f" --quantize {out['quantize']}"
     return cmd + f" --json {rel}"
 
 
 def title(out: dict) -> str:
     slices = f" x {out['num_slices']} slices" if out.get("num_slices", 1) > 1 else ""
     kind = "TRAIN step" if out["kind"] == "train" else "job step"
+    if out.get("quantize"):
+        kind += f", --quantize {out['quantize']}"
     if out.get("tokens_per_chip"):
         kind += f" at {out['tokens_per_chip']:,} tokens per chip (twice the job's rows: the memory fit's second point)"
     return f"{out['topology']}{slices} - {kind}"
@@ -107,7 +113,7 @@ def main(argv=None) -> int:
         if new != text:
             stale.append(str(path.relative_to(ROOT)))
             if not a.check:
-                path.write_text(new, encoding="utf-8")
+                atomic_write_bytes(path, new.encode("utf-8"))
     print(("stale: " if a.check else "rewrote: ") + (", ".join(stale) or "nothing"))
     return 1 if a.check and stale else 0
 

@@ -45,8 +45,7 @@ def probe(config: str, batch: int, cached: bool, mini: int | None, fsdp: bool | 
         ov["fsdp"] = fsdp
     res = tc.compile_train(config, overrides=ov, log=lambda s: print(f"{Path(config).stem}: {s}", flush=True))
     (row,) = res["buckets"]
-    row.update(config=config, chips=res["chips"], hosts=res["hosts"], mesh=res["mesh"],
-               fits=row["hbm_bytes"] <= tc.HBM_MARGIN * res["hbm_limit_bytes"])
+    row.update(config=config, chips=res["chips"], hosts=res["hosts"], mesh=res["mesh"], fits=res["fits"])
     atomic_write_json(path, row)
     return row
 
