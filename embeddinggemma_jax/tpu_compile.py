@@ -585,11 +585,23 @@ def train_overrides(args) -> dict:
     return {k: getattr(args, k) for k in TRAIN_OVERRIDES if hasattr(args, k)}
 
 
+def check_hlo_target(folder) -> None:
+    """Refuse, before compiling, a --hlo DIR holding an ``L<length>.hlo.txt`` that is not an HLO module
+    (the files --hlo writes): the user's own file of that name is never replaced."""
+    for p in sorted(Path(folder).glob("L*.hlo.txt")) if Path(folder).is_dir() else []:
+        with open(p, "rb") as f:
+            if not f.read(9) == b"HloModule":
+                raise InputError(f"--hlo {folder}: {p.name} exists and is not an HLO module written by tpu-compile; "
+                                 "refusing to replace it: pass another folder")
+
+
 def cmd_tpu_compile(args) -> int:
     from embeddinggemma_jax.io_utils import atomic_write_json
 
     if args.json:
         check_json_target(args.json)
+    if args.hlo:
+        check_hlo_target(args.hlo)
     if args.slices < 1:
         raise ValueError(f"--slices must be >= 1, got {args.slices}")
     if args.train:

@@ -20,6 +20,7 @@ if not backend.installed("libtpu"):
 from embeddinggemma_jax import tpu_compile as tc  # noqa: E402
 from embeddinggemma_jax.config import EncoderConfig  # noqa: E402
 from embeddinggemma_jax.costs import flops_per_token  # noqa: E402
+from embeddinggemma_jax.errors import InputError  # noqa: E402
 from embeddinggemma_jax.weights import read_folder_configs  # noqa: E402
 
 GIB = 1 << 30
@@ -182,3 +183,13 @@ def test_a_program_over_hbm_is_reported_with_the_compilers_count():
     need = tc.out_of_hbm(e.value)
     assert need is not None and need > 16 * GIB, str(e.value)[:300]
     assert tc.out_of_hbm(ValueError("something else")) is None
+
+
+def test_hlo_folder_with_the_users_own_file_is_refused_before_compiling(tmp_path):
+    mine = tmp_path / "L12.hlo.txt"
+    mine.write_text("my notes")
+    with pytest.raises(InputError, match="not an HLO module"):
+        tc.check_hlo_target(tmp_path)
+    assert mine.read_text() == "my notes"
+    mine.write_text("HloModule jit_step, entry_computation_layout={}")
+    tc.check_hlo_target(tmp_path)  # an earlier --hlo result may be replaced
