@@ -82,6 +82,13 @@ class Attention(nnx.Module):
         q = weight_matmul("BLD,DNH->BLNH", x, self.q_proj, dt, p)
         k = weight_matmul("BLD,DKH->BLKH", x, self.k_proj, dt, p)
         v = weight_matmul("BLD,DKH->BLKH", x, self.v_proj, dt, p)
+        if kernel_for_length(impl, L) == "splash" and attention_kernels.fused_norm_rope_fits(q.shape[-1]):
+            # The TPU path: q/k norm, RoPE and the query scale in one Pallas pass each, head-major for splash.
+            qh = attention_kernels.norm_rope_heads(q, self.q_norm.scale[...], *rope, self.q_norm.eps,
+                                                   self.query_scale)
+            kh = attention_kernels.norm_rope_heads(k, self.k_norm.scale[...], *rope, self.k_norm.eps)
+            out = attention_kernels.splash_heads(qh, kh, v.transpose(0, 2, 1, 3), key_valid, radius).astype(dt)
+            return weight_matmul("BLNH,NHD->BLD", out, self.o_proj, dt, p)
         # q/k norms come before RoPE, as in Gemma-3.
         q = apply_rope(self.q_norm(q), *rope)
         k = apply_rope(self.k_norm(k), *rope)

@@ -12,6 +12,8 @@
   padding segment 0, so a padded query attends only to padding: finite, and dropped by the
   pooling). Off a TPU it runs in Pallas interpret mode (how the parity tests run it on a CPU); a
   step built on a mesh of TPU devices (``sharding.use_rules``) gets the Mosaic kernel.
+- ``norm_rope_heads`` (TPUs, with splash): the q/k RMSNorm, RoPE and query scale of ``attention.Attention``
+  in one Pallas pass, writing the head-major layout splash reads (XLA:TPU made three passes of them).
 
 Both take q already scaled by ``query_pre_attn_scalar ** -0.5`` and pass ``scale=1``.
 The batches of this package are right-padded: ``key_valid`` is a prefix of ones per row, which
@@ -22,6 +24,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from embeddinggemma_jax.attention_xla import local_windows, use_local
 from embeddinggemma_jax.sharding import current_platform, per_batch_shard
@@ -91,24 +94,97 @@ def _splash_kernel(L: int, num_heads: int, radius: int | None, interpret: bool):
                                             interpret=interpret)
 
 
-def splash_attention(q, k, v, key_valid, radius: int | None, dtype, interpret: bool | None = None):
-    from jax.experimental.pallas.ops.tpu.splash_attention import SegmentIds
+def _interpret(interpret: bool | None) -> bool:
+    """Pallas interpret mode off a TPU; the Mosaic kernel when the step is built for TPU devices, even
+    from a CPU host (``tpu_compile``)."""
+    return (current_platform() or jax.default_backend()) != "tpu" if interpret is None else bool(interpret)
 
-    if interpret is None:  # the Mosaic kernel when the step is built for TPU devices, even from a CPU host
-        interpret = (current_platform() or jax.default_backend()) != "tpu"
+
+def splash_attention(q, k, v, key_valid, radius: int | None, dtype, interpret: bool | None = None):
+    """q: [B, L, K, G, H] (scaled), k/v: [B, L, K, H] -> [B, L, K, G, H] (see ``splash_heads``)."""
     B, L, K, G, H = q.shape
-    Lp = -(-L // SPLASH_BLOCK) * SPLASH_BLOCK  # pad to whole tiles; the pad is segment 0 (padding)
-    pad = ((0, 0), (0, Lp - L))
-    seg = jnp.pad(key_valid.astype(jnp.int32), pad)  # [B, Lp]
-    qh = jnp.pad(q, pad + ((0, 0),) * 3).reshape(B, Lp, K * G, H).transpose(0, 2, 1, 3)  # [B, N, Lp, H]
-    kh = jnp.pad(k, pad + ((0, 0),) * 2).transpose(0, 2, 1, 3)  # [B, K, Lp, H]
-    vh = jnp.pad(v, pad + ((0, 0),) * 2).transpose(0, 2, 1, 3)
-    kernel = _splash_kernel(Lp, K * G, radius, bool(interpret))
-    rows = jax.vmap(lambda q1, k1, v1, s1: kernel(q1, k1, v1, segment_ids=SegmentIds(q=s1, kv=s1)))
-    # XLA cannot partition a Mosaic kernel: on a mesh, each device runs it on its own rows.
-    out = per_batch_shard(rows, 4)(qh, kh, vh, seg)
-    out = out.transpose(0, 2, 1, 3)[:, :L]  # [B, L, N, H]
+    qh = q.reshape(B, L, K * G, H).transpose(0, 2, 1, 3)  # [B, N, L, H]
+    out = splash_heads(qh, k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), key_valid, radius, interpret)
     return out.reshape(B, L, K, G, H).astype(dtype)
 
 
-__all__ = ["attend", "cudnn_attention", "splash_attention", "IMPLS"]
+def splash_heads(qh, kh, vh, key_valid, radius: int | None, interpret: bool | None = None):
+    """Splash on head-major inputs: qh [B, N, L, H] (scaled), kh/vh [B, K, L, H] -> [B, L, N, H]."""
+    from jax.experimental.pallas.ops.tpu.splash_attention import SegmentIds
+
+    interpret = _interpret(interpret)
+    B, N, L, H = qh.shape
+    Lp = -(-L // SPLASH_BLOCK) * SPLASH_BLOCK  # pad to whole tiles; the pad is segment 0 (padding)
+    seg = jnp.pad(key_valid.astype(jnp.int32), ((0, 0), (0, Lp - L)))  # [B, Lp]
+    pad = ((0, 0), (0, 0), (0, Lp - L), (0, 0))
+    qh, kh, vh = jnp.pad(qh, pad), jnp.pad(kh, pad), jnp.pad(vh, pad)
+    kernel = _splash_kernel(Lp, N, radius, interpret)
+    rows = jax.vmap(lambda q1, k1, v1, s1: kernel(q1, k1, v1, segment_ids=SegmentIds(q=s1, kv=s1)))
+    # XLA cannot partition a Mosaic kernel: on a mesh, each device runs it on its own rows.
+    out = per_batch_shard(rows, 4)(qh, kh, vh, seg)
+    return out.transpose(0, 2, 1, 3)[:, :L]  # [B, L, N, H]
+
+
+# ----------------------------------------------------------------------------- TPU: q/k norm + RoPE
+def fused_norm_rope_fits(head_dim: int) -> bool:
+    """``norm_rope_heads`` runs where each head's halves are whole 128-lane tiles (EmbeddingGemma:
+    head_dim 256); other shapes keep the XLA ops."""
+    return head_dim % (2 * SPLASH_BLOCK) == 0
+
+
+def _row_block(L: int, most: int = 512) -> int:
+    """Rows per ``norm_rope_heads`` block: the largest divisor of L up to ``most`` that is a multiple of
+    16 (bf16 sublane tiles), else the whole length."""
+    return next((b for b in range(min(L, most) // 16 * 16, 0, -16) if L % b == 0), L)
+
+
+def norm_rope_heads(x, norm_scale, cos, sin, eps: float, out_scale: float | None = None,
+                    interpret: bool | None = None):
+    """x: [B, L, N, H] (a q or k projection) -> [B, N, L, H] in x's dtype: Gemma's RMSNorm over H (fp32,
+    weight 1 + norm_scale, cast back), rotate-half RoPE (cos/sin: [L, H]) and, with ``out_scale``, the
+    query scaling; the XLA path's ``RMSNorm``, ``apply_rope`` and scaling, op for op, in one Pallas pass.
+
+    XLA:TPU ran those as three passes over HBM (the norm, the two rotated halves, their concatenation),
+    ~12% of a step; this reads the projection once (head-major, the layout XLA:TPU gives the projection
+    anyway) and writes the head-major layout splash takes."""
+    from jax.experimental import pallas as pl
+
+    B, L, N, H = x.shape
+    half, dt, f32 = H // 2, x.dtype, jnp.float32
+    bl = _row_block(L)
+    w = (1.0 + norm_scale.astype(f32)).reshape(1, H)
+    # The scale rounded to x's dtype first, as the XLA path rounds it (a Python float: no captured constant).
+    scale = None if out_scale is None else float(np.asarray(out_scale, jnp.dtype(dt)).astype(np.float32))
+
+    def rnd(v):  # fp32 arithmetic rounded to x's dtype (the identity in fp32)
+        return v.astype(dt).astype(f32)
+
+    def kernel(x_ref, w_ref, c_ref, s_ref, o_ref):
+        c, s = c_ref[:, :half].astype(f32), s_ref[:, :half].astype(f32)  # both halves of the tables are equal
+        for n in range(N):
+            xn = x_ref[n].astype(f32)
+            var = jnp.mean(jnp.square(xn), axis=-1, keepdims=True)
+            y = rnd(xn * jax.lax.rsqrt(var + eps) * w_ref[...])
+            y1, y2 = y[:, :half], y[:, half:]
+            # Every product and sum rounded to x's dtype, as the reference's (and the XLA path's) ops are.
+            for i, r in enumerate((rnd(rnd(y1 * c) - rnd(y2 * s)), rnd(rnd(y2 * c) + rnd(y1 * s)))):
+                if scale is not None:
+                    r = rnd(r * scale)
+                o_ref[n, :, i * half:(i + 1) * half] = r.astype(dt)
+
+    def call(x2, w, cos, sin):
+        b = x2.shape[0]
+        return pl.pallas_call(
+            kernel, grid=(b, L // bl),
+            in_specs=[pl.BlockSpec((None, N, bl, H), lambda i, j: (i, 0, j, 0)),
+                      pl.BlockSpec((1, H), lambda i, j: (0, 0)),
+                      pl.BlockSpec((bl, H), lambda i, j: (j, 0)),
+                      pl.BlockSpec((bl, H), lambda i, j: (j, 0))],
+            out_specs=pl.BlockSpec((None, N, bl, H), lambda i, j: (i, 0, j, 0)),
+            out_shape=jax.ShapeDtypeStruct((b, N, L, H), dt), interpret=_interpret(interpret))(x2, w, cos, sin)
+
+    return per_batch_shard(call, 1, replicated=3)(x.transpose(0, 2, 1, 3), w, cos, sin)
+
+
+__all__ = ["attend", "cudnn_attention", "splash_attention", "splash_heads", "norm_rope_heads", "fused_norm_rope_fits",
+           "IMPLS"]

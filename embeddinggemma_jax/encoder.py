@@ -42,15 +42,16 @@ class Block(nnx.Module):
         self.mlp = MLP(D, cfg.intermediate_size, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.dtype = dtype
 
-    def attention(self, h, key_valid, rope, radius, impl):
-        """The attention branch, the only part that differs between sliding and full layers: [B, L, D]
-        in ``dtype`` (before the post-attention norm)."""
-        return self.self_attn(self.input_layernorm(h, self.dtype), key_valid, rope, radius, impl)
+    def attention(self, x, key_valid, rope, radius, impl):
+        """The attention branch, the only part that differs between sliding and full layers: x, the
+        normalised input [B, L, D] in ``dtype`` -> [B, L, D] in ``dtype`` (before the post-attention norm)."""
+        return self.self_attn(x, key_valid, rope, radius, impl)
 
     def __call__(self, h, key_valid, rope, radius, impl, attn=None):
-        """h: [B, L, D] fp32 residual stream; ``attn``: ``attention(h, ...)`` when already computed."""
-        a = self.attention(h, key_valid, rope, radius, impl) if attn is None else attn
-        h = h + self.post_attention_layernorm(a, jnp.float32)
+        """h: [B, L, D] fp32 residual stream; ``attn``: the attention branch's output when already computed."""
+        if attn is None:
+            attn = self.attention(self.input_layernorm(h, self.dtype), key_valid, rope, radius, impl)
+        h = h + self.post_attention_layernorm(attn, jnp.float32)
         m = self.mlp(self.pre_feedforward_layernorm(h, self.dtype))
         h = h + self.post_feedforward_layernorm(m, jnp.float32)
         return constrain(h, ACTIVATION_BLD)
@@ -105,10 +106,12 @@ class Encoder(nnx.Module):
                 # Only attention differs between sliding and full layers, so the conditional wraps it alone:
                 # its result is a [B, L, D] temporary in ``dtype``, not the fp32 residual stream. (A
                 # conditional's result cannot be the loop's carry: XLA:TPU copied the whole stream every
-                # layer and fused less around it; tpu/README.md, "What limits MFU".)
+                # layer and fused less around it; tpu/README.md, "What limits MFU".) Its input is the
+                # normalised [B, L, D] in ``dtype`` too: passed the fp32 stream, XLA:TPU copied it in a branch.
+                x = block.input_layernorm(h, block.dtype)
                 a = jax.lax.cond(sliding,
                                  partial(block.attention, rope=rope_local, radius=cfg.window_radius, impl=impl),
-                                 partial(block.attention, rope=rope_global, radius=None, impl=impl), h, key_valid)
+                                 partial(block.attention, rope=rope_global, radius=None, impl=impl), x, key_valid)
                 h = block(h, key_valid, None, None, impl, attn=a)
             return h, (h if return_hidden else None)
 

@@ -73,8 +73,9 @@ def rope_tables(positions: jax.Array, head_dim: int, base: float, dtype) -> tupl
 def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     """x: [B, L, heads, H]; cos/sin: [L, H]. Rotate-half (not interleaved), in x's dtype."""
     half = x.shape[-1] // 2
-    rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
-    return x * cos[None, :, None, :] + rotated * sin[None, :, None, :]
+    x1, x2 = x[..., :half], x[..., half:]
+    c, s = cos[None, :, None, :half], sin[None, :, None, :half]  # both halves of cos/sin are equal
+    return jnp.concatenate([x1 * c - x2 * s, x2 * c + x1 * s], axis=-1)
 
 
 class MLP(nnx.Module):

@@ -94,15 +94,17 @@ def use_rules(mesh: Mesh, rules) -> Iterator[ShardingContext]:
         _current.reset(token)
 
 
-def per_batch_shard(f, nargs: int):
-    """``f`` applied to each device's rows (the leading ``activation_batch`` axis of its ``nargs``
-    arguments and of its result) through ``shard_map``, when a mesh of more than one device is current;
-    ``f`` itself otherwise. For Mosaic (Pallas TPU) kernels, which XLA cannot partition."""
+def per_batch_shard(f, nargs: int, replicated: int = 0):
+    """``f`` applied to each device's rows (the leading ``activation_batch`` axis of its first ``nargs``
+    arguments and of its result; the ``replicated`` arguments after them whole on every device) through
+    ``shard_map``, when a mesh of more than one device is current; ``f`` itself otherwise. For Mosaic
+    (Pallas TPU) kernels, which XLA cannot partition."""
     ctx = _current.get()
     if ctx is None or ctx.mesh.size == 1:
         return f
     spec = PartitionSpec(logical_to_spec(("activation_batch",), ctx.rules, ctx.mesh)[0])
-    return jax.shard_map(f, mesh=ctx.mesh, in_specs=(spec,) * nargs, out_specs=spec, check_vma=False)
+    return jax.shard_map(f, mesh=ctx.mesh, in_specs=(spec,) * nargs + (PartitionSpec(),) * replicated,
+                         out_specs=spec, check_vma=False)
 
 
 def current_platform() -> str | None:

@@ -14,8 +14,11 @@ chip) against v5e's 16 GiB, and a PROJECTED time: the compiler's cost model give
 program (``optimal_seconds`` is negative) and counts a loop body once, so ``hlo_roofline`` walks the
 optimised HLO: every top-level op of the entry computation and of loop bodies (times their
 ``known_trip_count``) takes max(FLOPs / peak, bytes / HBM bandwidth), with FLOPs from each dot and
-convolution inside the op (and, for Mosaic kernels, attention FLOPs from their operand shapes) and
-bytes from the op's operands and result. Collectives and host transfers are not in it.
+convolution inside the op (and, for splash, attention FLOPs over the key tiles its block-sparse grid
+runs) and bytes from the op's operands and result where they live in HBM (not VMEM, ``S(1)``; an
+asynchronous slice moves its slice). The full / sliding attention conditional of the layer scan counts
+each branch for the layers that take it. Collectives, host transfers and the overlap of asynchronous
+copies with compute are not in it.
 """
 
 from __future__ import annotations
@@ -35,7 +38,8 @@ V5E_PEAK_FLOPS = 197e12  # bf16, one chip
 V5E_PEAK_INT8_OPS = 394e12  # int8 x int8 matmuls on the MXU, one chip (--quantize int8)
 V5E_HBM_BANDWIDTH = 819e9  # bytes/s, one chip
 HBM_MARGIN = topologies.HBM_MARGIN  # a bucket fits when its compiled program needs at most this share of HBM
-PROJECTION_METHOD = "roofline over the optimised HLO (dots' FLOPs, ops' bytes, loops x trip count)"
+PROJECTION_METHOD = ("roofline over the optimised HLO (dots' FLOPs, ops' HBM bytes, loops x trip count, "
+                     "layer branches x their share)")
 
 # Single-host v5e slices have 1, 4 or 8 chips; multi-host slices 4-chip hosts.
 _GRIDS = {1: "1x1", 4: "2x2", 8: "2x4", 16: "4x4", 32: "4x8", 64: "8x8", 128: "8x16", 256: "16x16"}
@@ -83,6 +87,17 @@ def _nbytes(text: str) -> float:
                for t, d, layout in _SHAPE.findall(text) if "S(1)" not in layout)
 
 
+def _slice_start_bytes(type_text: str) -> float:
+    """HBM bytes of an asynchronous slice ``((source), slice, context)``: the slice is read from the
+    source and written to its destination, each side counted where it is not in VMEM (``S(1)``)."""
+    arrs = _SHAPE.findall(type_text)
+    if len(arrs) < 2:
+        return _nbytes(type_text)
+    (_, _, src_layout), (t, d, dst_layout) = arrs[0], arrs[1]
+    n = _BYTES[t] * math.prod(int(x) for x in d.split(",") if x)
+    return n * (("S(1)" not in src_layout) + ("S(1)" not in dst_layout))
+
+
 @dataclass
 class _Instr:
     name: str
@@ -128,9 +143,11 @@ def _operand_text(rest: str) -> str:
 
 
 class _Roofline:
-    def __init__(self, hlo: str, peak: float, bandwidth: float, int8_peak: float = V5E_PEAK_INT8_OPS):
+    def __init__(self, hlo: str, peak: float, bandwidth: float, int8_peak: float = V5E_PEAK_INT8_OPS,
+                 branch_shares: dict[int, tuple[float, ...]] | None = None):
         self.comps, self.entry = _parse(hlo)
         self.peak, self.bw, self.int8_peak = peak, bandwidth, int8_peak
+        self.branch_shares = branch_shares or {}
         self.types = {i.name: i.type for c in self.comps.values() for i in c}
         self._flops: dict[str, float] = {}
         self.ops: list[dict] = []  # every costed op: where the projected time goes
@@ -189,12 +206,22 @@ class _Roofline:
         if ins.op == "convolution":
             return self._conv_flops(ins)
         if ins.op == "custom-call" and "tpu_custom_call" in ins.rest:
-            # A Mosaic attention kernel: q [..., Lq, H] and k [..., Lk, H] among its operands; QK^T and
-            # PV are 4 * (q elements) * Lk FLOPs (an upper bound on sliding layers: masked tiles skipped).
-            big = sorted((d for t, d in self._operand_shapes(ins) if len(d) >= 2 and t.startswith(("bf", "f"))),
+            # A Mosaic attention kernel: q [..., Lq, H] and k [..., Lk, H] (the same rank) among its operands;
+            # QK^T and PV are 4 * (q elements) * (keys computed) FLOPs. Splash's block-sparse mask info comes
+            # first (int8 [heads, q blocks, kv steps]): each q tile runs kv steps tiles of keys (the tiles a
+            # band touches, partly masked ones included; this package's tiles are square), else all Lk keys.
+            # Other kernels (``norm_rope_heads``: x with [L, H] tables) have no matmul: 0 FLOPs.
+            shapes = self._operand_shapes(ins)
+            big = sorted((d for t, d in shapes if len(d) >= 2 and t.startswith(("bf", "f"))),
                          key=math.prod, reverse=True)
-            k = next((d for d in big[1:] if d[-1] == big[0][-1]), None) if big else None
-            return 4.0 * math.prod(big[0]) * k[-2] if k else 0.0
+            k = next((d for d in big[1:] if d[-1] == big[0][-1] and len(d) == len(big[0])), None) if big else None
+            if not k:
+                return 0.0
+            keys = k[-2]
+            info = next((d for t, d in shapes if t == "s8" and len(d) == 3), None)
+            if info and info[1] and big[0][-2] % info[1] == 0:
+                keys = min(keys, info[2] * (big[0][-2] // info[1]))
+            return 4.0 * math.prod(big[0]) * keys
         sub = _attr(ins.rest, "calls") or _attr(ins.rest, "to_apply")
         if ins.op in ("fusion", "call") and sub:
             return self.comp_flops(sub)
@@ -230,7 +257,7 @@ class _Roofline:
             self._flops[comp] = sum(self.instr_flops(i) for i in self.comps.get(comp, []))
         return self._flops[comp]
 
-    def run(self, comp: str | None = None, times: float = 1.0, acc=None) -> dict:
+    def run(self, comp: str | None = None, times: float = 1.0, acc=None, trips: int = 1) -> dict:
         acc = acc if acc is not None else {"seconds": 0.0, "flops": 0.0, "bytes": 0.0, "compute_bound_seconds": 0.0,
                                            "loops": []}
         for ins in self.comps.get(comp or self.entry, []):
@@ -239,27 +266,36 @@ class _Roofline:
             if ins.op == "while":
                 n = self.trip_count(ins)
                 acc["loops"].append({"body": _attr(ins.rest, "body"), "trip_count": n})
-                self.run(_attr(ins.rest, "body"), times * n, acc)
+                self.run(_attr(ins.rest, "body"), times * n, acc, n)
                 continue
-            if ins.op == "conditional":  # the costliest branch (an upper bound: e.g. full vs sliding layer)
+            if ins.op == "conditional":
+                # In a loop of a trip count in ``branch_shares`` (the encoder's layers), each branch weighted by
+                # the share of runs that take it (full / sliding layers); else the costliest branch every time
+                # (an upper bound).
                 m = re.search(r"branch_computations=\{([^}]*)\}", ins.rest)
                 names = [b.strip().lstrip("%") for b in m.group(1).split(",")] if m else \
                     [x for x in (_attr(ins.rest, "true_computation"), _attr(ins.rest, "false_computation")) if x]
                 subs = [self.run(b, times, {"seconds": 0.0, "flops": 0.0, "bytes": 0.0, "compute_bound_seconds": 0.0,
-                                            "loops": acc["loops"]}) for b in names]
-                if subs:
+                                            "loops": acc["loops"]}, trips) for b in names]
+                shares = self.branch_shares.get(trips)
+                if subs and shares and len(shares) == len(subs):
+                    for k in ("seconds", "flops", "bytes", "compute_bound_seconds"):
+                        acc[k] += sum(w * a[k] for w, a in zip(shares, subs))
+                elif subs:
                     worst = max(subs, key=lambda a: a["seconds"])
                     for k in ("seconds", "flops", "bytes", "compute_bound_seconds"):
                         acc[k] += worst[k]
                 continue
             if ins.op == "call" and _attr(ins.rest, "to_apply"):
-                self.run(_attr(ins.rest, "to_apply"), times, acc)
+                self.run(_attr(ins.rest, "to_apply"), times, acc, trips)
                 continue
             f = self.instr_flops(ins)
             if ins.op in ("dynamic-slice", "slice"):  # reads only the slice it returns
                 b = 2 * _nbytes(ins.type)
-            elif ins.op in ("copy-start", "slice-start"):  # async: (source, destination, ...) tuple; once
+            elif ins.op == "copy-start":  # async: (destination, source, context); the HBM side(s) once
                 b = _nbytes(ins.type)
+            elif ins.op == "slice-start":  # async: ((source), slice, context): moves only the slice
+                b = _slice_start_bytes(ins.type)
             elif ins.op == "dynamic-update-slice":  # in place: reads and writes the update only
                 ups = self._operand_shapes(ins)
                 b = 2 * (_BYTES[ups[1][0]] * math.prod(ups[1][1]) if len(ups) > 1 else _nbytes(ins.type))
@@ -278,11 +314,14 @@ class _Roofline:
 
 
 def hlo_roofline(hlo_text: str, peak: float = V5E_PEAK_FLOPS, bandwidth: float = V5E_HBM_BANDWIDTH,
-                 ops: bool = False) -> dict:
+                 ops: bool = False, branch_shares: dict[int, tuple[float, ...]] | None = None) -> dict:
     """Projected seconds of one run of an optimised HLO module on one chip (see the module docstring):
     {"seconds", "flops", "bytes", "compute_bound_seconds", "loops"} (and, with ``ops``, every costed op
-    with its seconds, FLOPs and bytes; a conditional's branches all listed)."""
-    r = _Roofline(hlo_text, peak, bandwidth)
+    with its seconds, FLOPs and bytes; a conditional's branches all listed, each for all its runs).
+    ``branch_shares``: {loop trip count: the share of runs taking each branch} for the conditionals in the
+    body of a loop of that trip count (``layer_branch_shares``: the scanned layers); any other conditional
+    costs its costliest branch."""
+    r = _Roofline(hlo_text, peak, bandwidth, branch_shares=branch_shares)
     out = r.run()
     if ops:
         out["ops"] = r.ops
@@ -299,8 +338,16 @@ def memory(compiled) -> dict:
     return parts
 
 
+def layer_branch_shares(cfg) -> dict[int, tuple[float, float]]:
+    """{the layer scan's trip count: the shares of its layers that take each branch of the encoder's
+    ``lax.cond``} (false: full attention, true: sliding; the order of the HLO conditional's branches)."""
+    sliding = sum(map(bool, cfg.sliding_flags)) / cfg.num_layers
+    return {cfg.num_layers: (1.0 - sliding, sliding)}
+
+
 def _report(compiled, seconds_compile: float, tokens: int, model_flops_per_token: float | None,
-            peak: float = V5E_PEAK_FLOPS, hlo_file: str | Path | None = None) -> dict:
+            peak: float = V5E_PEAK_FLOPS, hlo_file: str | Path | None = None,
+            branch_shares: dict[int, tuple[float, ...]] | None = None) -> dict:
     mem = memory(compiled)
     hlo = compiled.as_text()
     if hlo_file is not None:
@@ -308,7 +355,7 @@ def _report(compiled, seconds_compile: float, tokens: int, model_flops_per_token
 
         Path(hlo_file).parent.mkdir(parents=True, exist_ok=True)
         atomic_write_bytes(hlo_file, hlo.encode())
-    roof = hlo_roofline(hlo)
+    roof = hlo_roofline(hlo, branch_shares=branch_shares)
     sec = roof["seconds"]
     row = {"hbm_bytes": mem["hbm_bytes"], "memory": mem, "hbm_fraction": mem["hbm_bytes"] / topologies.V5E_HBM_BYTES,
            "flops_per_chip": roof["flops"], "bytes_per_chip": roof["bytes"], "projected_seconds": sec,
@@ -395,7 +442,7 @@ def compile_job(topology: str, buckets=None, model: str | None = None, num_slice
         exe = enc.compiled((r * enc.batch_split, L))
         row = {"length": L, "rows_per_chip": r, "attention": kernel_for_length(impl, L), "tokens_per_chip": r * L}
         row.update(_report(exe, time.perf_counter() - t, r * L, flops_per_token(enc_cfg, L), peak,
-                           Path(hlo_dir) / f"L{L}.hlo.txt" if hlo_dir else None))
+                           Path(hlo_dir) / f"L{L}.hlo.txt" if hlo_dir else None, layer_branch_shares(enc_cfg)))
         out["buckets"].append(row)
         log(format_row(row))
         if on_bucket is not None:
@@ -461,7 +508,8 @@ def compile_train(config: str, model: str | None = None, num_slices: int = 1, lo
         row.update({"hbm_bytes": used, "hbm_fraction": used / topologies.V5E_HBM_BYTES, "out_of_hbm": True,
                     "compile_seconds": round(time.perf_counter() - tm, 2)})
     else:  # training: forward + backward (+ the remat forward) is ~3-4x the forward's FLOPs
-        row.update(_report(exe, time.perf_counter() - tm, tokens, 3 * flops_per_token(enc_cfg, L)))
+        row.update(_report(exe, time.perf_counter() - tm, tokens, 3 * flops_per_token(enc_cfg, L),
+                           branch_shares=layer_branch_shares(enc_cfg)))
     out = {"topology": name, "kind": "train", "config": str(config), "num_slices": num_slices,
            "chips": chips * num_slices, "hosts": len({d.process_index for d in devices}), "mesh": dict(mesh.shape),
            "dtype": cfg.dtype, "hbm_limit_bytes": topologies.V5E_HBM_BYTES, "hbm_margin": HBM_MARGIN,

@@ -71,6 +71,62 @@ def test_splash_interpret_matches_xla(L, lengths, radius, dtype, atol):
     _check(out, ref, valid, atol)
 
 
+@pytest.mark.parametrize("heads,scale", [(3, 0.0625), (1, None)])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_fused_norm_rope_equals_the_xla_ops(heads, scale, dtype):
+    """The TPU path's q/k norm + RoPE (+ query scale) kernel, in interpret mode, against the XLA path's
+    RMSNorm, apply_rope and scaling, each op rounded to the dtype as there: equal up to the last bit.
+    L = 1152 runs three 384-row blocks; head_dim 256 (EmbeddingGemma's, where the kernel is used)."""
+    from embeddinggemma_jax.layers import RMSNorm, apply_rope, rope_tables
+
+    L, Hd = 1152, 256
+    assert attention_kernels.fused_norm_rope_fits(Hd) and not attention_kernels.fused_norm_rope_fits(16)
+    rng = np.random.default_rng(3)
+    x = jnp.asarray(rng.normal(size=(2, L, heads, Hd)) * 3, dtype)
+    norm = RMSNorm(Hd, 1e-6)
+    norm.scale[...] = jnp.asarray(rng.normal(size=Hd) * 0.3, jnp.float32)
+    cos, sin = rope_tables(jnp.arange(L), Hd, 10_000.0, dtype)
+
+    def xla_ops(x):
+        y = apply_rope(norm(x), cos, sin)
+        return (y if scale is None else y * jnp.asarray(scale, dtype)).transpose(0, 2, 1, 3)
+
+    ref = jax.jit(xla_ops)(x)
+    out = jax.jit(lambda x: attention_kernels.norm_rope_heads(x, norm.scale[...], cos, sin, 1e-6, scale,
+                                                              interpret=True))(x)
+    assert out.shape == (2, heads, L, Hd) and out.dtype == dtype
+    o, r = np.asarray(out, np.float32), np.asarray(ref, np.float32)
+    # The fp32 arithmetic inside may differ in its last bit (the CPU compiler contracts a product and a sum
+    # into one FMA in one program and not in the other): in fp32 that is all; in bf16 a value that lands
+    # on a rounding boundary moves by one bf16 step, for a handful of elements (10 of 1.8M here), and
+    # moves the rotated values by at most a step of the head vector's largest value.
+    if dtype == jnp.bfloat16:
+        assert (o != r).mean() < 1e-4
+        assert (np.abs(o - r) <= 2.0 ** -7 * np.abs(r).max(-1, keepdims=True)).all()
+    else:
+        np.testing.assert_allclose(o, r, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_model_with_head_dim_256_through_the_fused_kernel_equals_xla(tmp_path, monkeypatch):
+    """End to end with EmbeddingGemma's head_dim: the splash path runs q/k through ``norm_rope_heads``
+    (counted) and gives the XLA path's embeddings."""
+    from embeddinggemma_jax import EmbeddingGemma
+    from embeddinggemma_jax.config import EncoderConfig
+    from embeddinggemma_jax.testing import make_tiny_folder
+
+    folder = make_tiny_folder(tmp_path / "m", seed=1, enc=EncoderConfig.tiny(head_dim=256))
+    calls = []
+    real = attention_kernels.norm_rope_heads
+    monkeypatch.setattr(attention_kernels, "norm_rope_heads", lambda *a, **k: calls.append(1) or real(*a, **k))
+    texts = ["x" * 110, "a longer text " * 8, "y" * 120]
+    ref = EmbeddingGemma.from_pretrained(folder, attention_impl="xla").encode(texts)
+    assert not calls
+    out = EmbeddingGemma.from_pretrained(folder, attention_impl="splash").encode(texts)
+    assert calls  # q and k of the sliding and the full layer branch
+    np.testing.assert_allclose(out, ref, atol=2e-6, rtol=0)
+
+
 def test_splash_runs_only_where_whole_tiles_pay():
     # Splash pads to 128-token tiles: from 128 tokens with at most 15% of the padded length as padding.
     assert attention.kernel_for_length("splash", 12) == "xla"

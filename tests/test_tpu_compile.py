@@ -59,6 +59,43 @@ def test_roofline_counts_a_matmul_and_every_loop_iteration():
     assert i8["flops"] / tc.V5E_PEAK_INT8_OPS <= i8["seconds"] < 0.6 * i8["flops"] / tc.V5E_PEAK_FLOPS
 
 
+def test_roofline_weights_a_conditionals_branches_by_their_share_of_runs():
+    """The encoder's scanned layers pick full or sliding attention with a ``lax.cond``: with the layers'
+    shares each branch counts for the runs that take it; without, the costliest branch every time."""
+    import jax
+    import jax.numpy as jnp
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    from embeddinggemma_jax.sharding import make_mesh
+
+    mesh = make_mesh((1, 1), tc.slice_devices(1))
+    s = NamedSharding(mesh, PartitionSpec())
+    a = jax.ShapeDtypeStruct((1024, 768), jnp.bfloat16, sharding=s)
+    w = jax.ShapeDtypeStruct((768, 768), jnp.bfloat16, sharding=s)
+
+    def loop(a, w):
+        def body(i, x):  # true (every 4th run): three matmuls, false: one
+            return jax.lax.cond(i % 4 == 0, lambda x: jnp.tanh(jnp.tanh(jnp.tanh(x @ w) @ w) @ w),
+                                lambda x: jnp.tanh(x @ w), x)
+        return jax.lax.fori_loop(0, 8, body, a)
+
+    hlo = jax.jit(loop).lower(a, w).compile().as_text()
+    one = 2 * 1024 * 768 * 768
+    assert tc.hlo_roofline(hlo)["flops"] == 8 * 3 * one
+    assert tc.hlo_roofline(hlo, branch_shares={8: (0.75, 0.25)})["flops"] == 8 * (0.75 * one + 0.25 * 3 * one)
+    assert tc.hlo_roofline(hlo, branch_shares={24: (0.75, 0.25)})["flops"] == 8 * 3 * one  # another loop's
+    (shares,) = tc.layer_branch_shares(EncoderConfig()).values()  # 20 sliding layers (true), 4 full (false)
+    assert tc.layer_branch_shares(EncoderConfig()).keys() == {24} and shares == pytest.approx((4 / 24, 20 / 24))
+
+
+def test_roofline_counts_an_asynchronous_slice_by_the_slice():
+    # ((source), slice, context): a quarter of a bf16 [128, 512, 768] read from HBM into VMEM (S(1))
+    t = ("((bf16[128,512,768]{2,1,0:T(8,128)(2,1)}), bf16[32,512,768]{2,1,0:T(8,128)(2,1)S(1)}, "
+         "s32[]{:S(2)})")
+    assert tc._slice_start_bytes(t) == 2 * 32 * 512 * 768
+    assert tc._slice_start_bytes(t.replace("S(1)}", "}", 1)) == 2 * 2 * 32 * 512 * 768  # into HBM: read + write
+
+
 def test_tiny_model_every_path_on_v5e_2x2(tiny_folder):
     """Shortest bucket (XLA attention) and longest (splash through Mosaic), sliding and full layers."""
     enc, head = read_folder_configs(tiny_folder)
@@ -106,6 +143,13 @@ def test_real_shapes_shortest_and_longest_bucket_of_v5litepod_4():
         assert b["hbm_bytes"] <= tc.HBM_MARGIN * 16 * GIB
         assert cfg.num_layers in b["loop_trip_counts"]
         assert b["flops_per_chip"] >= 0.98 * flops_per_token(cfg, b["length"]) * b["tokens_per_chip"]
+    short, long_ = out["buckets"]
+    # At 2048 tokens: per layer branch (full, sliding) splash and the q and k norm + RoPE kernel.
+    assert (short["mosaic_kernels"], long_["mosaic_kernels"]) == (0, 6)
+    # Sliding layers' splash runs 3 of 4 key tiles per query tile (512-token tiles, a 257-token band
+    # each side): fewer FLOPs than full attention on all 24 layers would be.
+    full_everywhere = flops_per_token(EncoderConfig(layer_types=("full_attention",) * 24), 2048)
+    assert long_["flops_per_chip"] < 0.95 * full_everywhere * long_["tokens_per_chip"]
 
 
 def test_cli_is_quiet_and_writes_json(tiny_folder, tmp_path):
