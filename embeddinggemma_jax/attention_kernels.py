@@ -144,8 +144,8 @@ def norm_rope_heads(x, norm_scale, cos, sin, eps: float, out_scale: float | None
     weight 1 + norm_scale, cast back), rotate-half RoPE (cos/sin: [L, H]) and, with ``out_scale``, the
     query scaling; the XLA path's ``RMSNorm``, ``apply_rope`` and scaling, op for op, in one Pallas pass.
 
-    XLA:TPU ran those as three passes over HBM (the norm, the two rotated halves, their concatenation),
-    ~12% of a step; this reads the projection once (head-major, the layout XLA:TPU gives the projection
+    XLA:TPU ran those as three passes over HBM (the norm, the two rotated halves, their concatenation):
+    ~24 of 151 projected ms per step at L = 512 (tpu/README.md); this reads the projection once (head-major, the layout XLA:TPU gives the projection
     anyway) and writes the head-major layout splash takes."""
     from jax.experimental import pallas as pl
 
