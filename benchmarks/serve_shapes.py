@@ -1,5 +1,5 @@
 """Does a text's embedding depend on what shares its batch? The measurement behind the server's one batch
-shape per length bucket (README, Embeddings server).
+shape per length bucket (docs/serving.md).
 
     python benchmarks/serve_shapes.py --model ~/.cache/embeddinggemma_jax/models/google--embeddinggemma-300m
 

@@ -33,7 +33,7 @@ def select_impl(backend: str | None = None, dtype=None) -> str:
 
 # Splash pads every sequence to whole 128-token tiles and keeps per-tile buffers: below 128 tokens,
 # or where the padding to the next tile is a large part of it, XLA attention needs far less HBM
-# and time (compiled for v5e by ``embeddinggemma-jax tpu-compile``; tpu/README.md).
+# and time (compiled for v5e by ``embeddinggemma-jax tpu-compile``; docs/tpu.md).
 SPLASH_MIN_LENGTH = 128
 SPLASH_MAX_TILE_PADDING = 0.15
 

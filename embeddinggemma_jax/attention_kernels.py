@@ -145,7 +145,7 @@ def norm_rope_heads(x, norm_scale, cos, sin, eps: float, out_scale: float | None
     query scaling; the XLA path's ``RMSNorm``, ``apply_rope`` and scaling, op for op, in one Pallas pass.
 
     XLA:TPU ran those as three passes over HBM (the norm, the two rotated halves, their concatenation):
-    ~24 of 151 projected ms per step at L = 512 (tpu/README.md); this reads the projection once (head-major, the layout XLA:TPU gives the projection
+    ~24 of 151 projected ms per step at L = 512 (docs/tpu.md); this reads the projection once (head-major, the layout XLA:TPU gives the projection
     anyway) and writes the head-major layout splash takes."""
     from jax.experimental import pallas as pl
 

@@ -33,7 +33,7 @@ def _softmax_attend(q, k, v, mask, dtype, precision):
 
     The G query heads sharing a kv head are folded into the query axis ([..., K, L*G, H]), so both
     einsums are plain batched matmuls over K: on CPU that is faster than letting XLA transpose the
-    scores between the two dots (README, Benchmarks).
+    scores between the two dots (docs/benchmarks.md).
     """
     *bt, L, K, G, H = q.shape
     S = k.shape[-3]

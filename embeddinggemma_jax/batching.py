@@ -27,7 +27,7 @@ from typing import Mapping, Sequence
 import numpy as np
 
 # Padded lengths for `encode`, about 1.25x apart (1.33x at the ends): batches of many lengths touch a
-# dozen or so of them (one compilation each), with little padding (README, Benchmarks).
+# dozen or so of them (one compilation each), with little padding (docs/benchmarks.md).
 DEFAULT_LENGTH_BUCKETS = (16, 24, 32, 40, 48, 64, 80, 96, 112, 128, 160, 192, 224, 256, 320, 384, 448, 512,
                           640, 768, 896, 1024, 1280, 1536, 1792, 2048)
 # Training pads each batch to the bucket of its longest text, and every new shape costs a compilation of
@@ -40,7 +40,7 @@ JOB_LENGTH_BUCKETS = (12, 16, 20, 24, 28, 32, 40, 48, 56, 64, 72, 80, 88, 96, 11
                       2048)
 
 # Tokens per batch on CPU: a layer's activations for ~2k tokens stay in cache, which makes each token
-# cheaper than in much larger batches (README, Benchmarks). Accelerators want large batches: there
+# cheaper than in much larger batches (docs/benchmarks.md). Accelerators want large batches: there
 # the row count alone decides.
 CPU_MAX_BATCH_TOKENS = 2048
 SHRINK_MODES = ("pow2", "fine", "none")

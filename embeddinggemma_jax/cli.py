@@ -36,7 +36,7 @@ def add_quantize_arg(p: argparse.ArgumentParser) -> None:
     from embeddinggemma_jax.quant import MODE_NAMES
 
     p.add_argument("--quantize", default=None, choices=MODE_NAMES,
-                   help="post-training quantization of the weights (README, Quantized inference; default: none)")
+                   help="post-training quantization of the weights (docs/quantization.md; default: none)")
 
 
 def add_demo_arguments(p) -> None:

@@ -106,7 +106,7 @@ class Encoder(nnx.Module):
                 # Only attention differs between sliding and full layers, so the conditional wraps it alone:
                 # its result is a [B, L, D] temporary in ``dtype``, not the fp32 residual stream. (A
                 # conditional's result cannot be the loop's carry: XLA:TPU copied the whole stream every
-                # layer and fused less around it; tpu/README.md, "What limits MFU".) Its input is the
+                # layer and fused less around it; docs/tpu.md, "What limits MFU".) Its input is the
                 # normalised [B, L, D] in ``dtype`` too: passed the fp32 stream, XLA:TPU copied it in a branch.
                 x = block.input_layernorm(h, block.dtype)
                 a = jax.lax.cond(sliding,

@@ -108,7 +108,7 @@ class EmbeddingGemma:
             enc, head = read_folder_configs(folder)
             hf_config, tok_dir = read_json(folder / "config.json"), folder
         # The tokenizer first: parsing its JSON peaks well above what it keeps, and that transient is
-        # returned to the OS before the parameters arrive (peak memory: README, Benchmarks).
+        # returned to the OS before the parameters arrive (peak memory: docs/benchmarks.md).
         tok = TextTokenizer(tok_dir / "tokenizer.json", head.max_seq_length, enc.pad_token_id, enc.eos_token_id)
         stored = checkpoint.read_marker(folder).get("quantize") if checkpoint.is_checkpoint(folder) else None
         if stored is not None and quantize not in (None, stored):

@@ -63,7 +63,7 @@ MODE_NAMES = tuple(MODES)
 # With int8 activations, the matmuls whose input is quantized: the per-token ones (attention, MLP).
 # The Dense head's input is one pooled vector per text (2 x 2 x 768 x 3072 = 9.4 MFLOPs per text
 # against 203 MFLOPs per token in the encoder's projections: 0.01% at 512 tokens) and quantizing it
-# costs more cosine than any single per-token matmul on the real weights (README): its weights are
+# costs more cosine than any single per-token matmul on the real weights (docs/quantization.md): its weights are
 # int8, its input stays fp32.
 PER_TOKEN_KINDS = ("attn", "mlp")
 

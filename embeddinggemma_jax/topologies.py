@@ -6,7 +6,7 @@ One table (``TOPOLOGIES``) is the home of these numbers; ``tpu/configs/*.json`` 
 Rows per chip come from the TPU compiler, not from a hand model: ``v5e_compiled_memory.json`` holds, per
 bucket, the job step's per-chip HBM (``memory_analysis()``) compiled at two row counts and the line
 through them; the rows are the token budget's unless that line puts them over ``HBM_MARGIN`` of HBM
-(``tpu/README.md`` shows the table and why the budget is 65,536 tokens).
+(``docs/tpu.md`` shows the table and why the budget is 65,536 tokens).
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ HBM_MARGIN = 0.90  # a bucket fits when its compiled program needs at most this 
 
 RULES = {"data_parallel": DATA_PARALLEL_RULES, "fsdp": FSDP_RULES}
 
-# Rows per chip: the token budget, unless the compiled memory caps it (tpu/README.md: why this budget).
+# Rows per chip: the token budget, unless the compiled memory caps it (docs/tpu.md: why this budget).
 TOKENS_PER_CHIP = 65536
 # Per bucket, the job step compiled for v5e at two row counts: per-chip HBM = fixed + rows x per_row.
 # Written by `embeddinggemma-jax tpu-configs --fit A.json B.json` from two tpu-compile results.
@@ -154,7 +154,7 @@ def get(name: str) -> Topology:
 
 
 def arithmetic_table(memory: dict[int, dict] | None = None) -> str:
-    """The markdown table in tpu/README.md: per bucket, the two compiled points, the fit, the rows it
+    """The markdown table in docs/tpu.md: per bucket, the two compiled points, the fit, the rows it
     allows under the HBM margin, the token budget's rows and the choice."""
     memory = memory if memory is not None else _MEMORY
     lines = ["| bucket L | compiled rows | compiled HBM/chip (GiB) | projected tok/s/chip | fit | fixed (GiB) "

@@ -225,7 +225,7 @@ def test_piping_into_head_exits_quietly(tiny_folder):
 @pytest.mark.real
 def test_readme_prompt_names_are_the_models(real_folder):
     prompts = json.loads((Path(real_folder) / "config_sentence_transformers.json").read_text())["prompts"]
-    readme = (ROOT / "README.md").read_text()
+    readme = (ROOT / "docs" / "api.md").read_text()
     start = readme.index("`prompt_name`: any name in `model.prompts` (")
     listed = readme[start:readme.index(")", start)].split("(", 1)[1].replace("\n", " ")
     names = [n.strip() for n in listed.split(",")]

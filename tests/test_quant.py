@@ -254,7 +254,7 @@ def test_real_modes_against_fp32(real_model):
     sentence-transformers, test_api): int8-weights >= 0.999 and int8 >= 0.99 min cosine (issue 16);
     mixed and int4 have no cosine gate, but must still rank the model card's answer first. The
     truncated repetitive text is the builtin case where int8 was weakest (0.98469 with a quantized
-    Dense-head input: README, Quantized inference)."""
+    Dense-head input: docs/quantization.md)."""
     from conversion.parity import SHORT_CASES, _PROSE
     from embeddinggemma_jax.cli import DEMO_DOCUMENTS, DEMO_QUERY
 

@@ -574,7 +574,7 @@ def _id_key(x) -> str:
 
 def find_duplicates(records) -> list[dict]:
     """``records``: (id, file, line) in input order. Every record whose id an earlier record already
-    has, as ``{"id", "first": {"file", "line"}, "again": {"file", "line"}}``: both are kept (README)."""
+    has, as ``{"id", "first": {"file", "line"}, "again": {"file", "line"}}``: both are kept (docs/batch-job.md)."""
     first: dict[str, tuple[str, int]] = {}
     out = []
     for rid, path, line in records:

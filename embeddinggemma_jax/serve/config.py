@@ -14,7 +14,7 @@ from embeddinggemma_jax.quant import MODE_NAMES
 
 # The server's cap on a CPU batch (rows x padded length). Every text runs in its bucket's one fixed shape,
 # so rows no text fills are computed as padding: small batches waste little when few texts of a bucket
-# wait, and idle requests pay for few padding rows (README, Embeddings server: 256 against 512).
+# wait, and idle requests pay for few padding rows (docs/serving.md: 256 against 512).
 SERVE_CPU_MAX_BATCH_TOKENS = 256
 
 
