@@ -1,4 +1,4 @@
-"""Rewrite the compiled-for-v5e tables in tpu/README.md and README.md from tpu/compiled/*.json.
+"""Rewrite the compiled-for-v5e tables in docs/ from tpu/compiled/*.json.
 
 Every table is generated from the checked-in `tpu-compile --json` results, and names the command that
 reproduces its file; the rows-per-chip table comes from `embeddinggemma_jax/v5e_compiled_memory.json`
@@ -89,6 +89,29 @@ def tables() -> tuple[str, str]:
     return "\n".join(detail).rstrip(), "\n".join(summary)
 
 
+def quant_table() -> str:
+    """Per quantized mode: the job step on v5litepod-4 (bf16 compute) at the shortest and longest bucket the
+    modes were compiled for, beside the bf16 step's same buckets."""
+    files = [("bf16", COMPILED / "v5litepod-4.json")]
+    files += [(p.stem.split("v5litepod-4-", 1)[1], p) for p in sorted(COMPILED.glob("v5litepod-4-*.json"))]
+    loaded = [(mode, path, json.loads(path.read_text(encoding="utf-8"))) for mode, path in files]
+    quantized = [b["length"] for _, _, out in loaded[1:] for b in out["buckets"]]
+    ends = (min(quantized), max(quantized))
+    rows = ["| mode | HBM/chip (GiB) | projected tokens/s/chip | projected MFU | command |", "|---|---|---|---|---|"]
+    for mode, path, out in loaded:
+        bs = {b["length"]: b for b in out["buckets"]}
+        pair = [bs[n] for n in ends]
+
+        def cell(fmt):
+            return " / ".join(fmt(b) for b in pair)
+
+        hbm = cell(lambda b: f"{b['hbm_bytes'] / GIB:.2f}")
+        tps = cell(lambda b: f"{b['projected_tokens_per_second_per_chip']:,.0f}")
+        mfu = cell(lambda b: f"{100 * b['projected_mfu']:.0f}%")
+        rows.append(f"| {mode} | {hbm} | {tps} | {mfu} | `{command(out, path)}` |")
+    return f"Each cell: L={ends[0]} / L={ends[1]}.\n\n" + "\n".join(rows)
+
+
 def replace_block(text: str, tag: str, body: str) -> str:
     start, end = f"<!-- {tag} -->", f"<!-- /{tag} -->"
     i, j = text.index(start) + len(start), text.index(end)
@@ -97,15 +120,21 @@ def replace_block(text: str, tag: str, body: str) -> str:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--check", action="store_true", help="exit 1 if a README is not what the files give")
+    ap.add_argument("--check", action="store_true", help="exit 1 if a page is not what the files give")
     a = ap.parse_args(argv)
     from embeddinggemma_jax import topologies
 
     detail, summary = tables()
     stale = []
-    for path, blocks in ((ROOT / "tpu" / "README.md", {"COMPILED_TABLES": detail,
-                                                        "ROWS_TABLE": topologies.arithmetic_table()}),
-                         (ROOT / "README.md", {"COMPILED_SUMMARY": summary})):
+    from train_batch_search import table as train_table
+
+    train = train_table(COMPILED / "train-search")
+    docs = ROOT / "docs"
+    for path, blocks in ((docs / "tpu.md", {"COMPILED_TABLES": detail, "ROWS_TABLE": topologies.arithmetic_table(),
+                                            "TRAIN_TABLE": train}),
+                         (docs / "batch-job.md", {"COMPILED_SUMMARY": summary}),
+                         (docs / "training.md", {"TRAIN_TABLE": train}),
+                         (docs / "quantization.md", {"QUANT_TPU_TABLE": quant_table()})):
         text = path.read_text(encoding="utf-8")
         new = text
         for tag, body in blocks.items():
