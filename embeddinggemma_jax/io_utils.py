@@ -88,30 +88,62 @@ def check_replaceable(out_dir: str | os.PathLike, is_kind, kind: str) -> None:
                                   "(or empty it yourself)")
 
 
-def umask() -> int:
-    current = os.umask(0)
+def _read_umask() -> int:
+    """The process umask without changing it: Linux reports it in /proc/self/status; elsewhere it is read
+    (set and restored) once, here, at import, before any writer thread exists."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    current = os.umask(0o022)
     os.umask(current)
     return current
 
 
+_UMASK_AT_IMPORT = _read_umask()
+
+
+def umask() -> int:
+    """The process umask. Never sets it: ``os.umask`` is process-wide, and writer and Orbax threads create
+    files concurrently."""
+    if Path("/proc/self/status").is_file():
+        return _read_umask()
+    return _UMASK_AT_IMPORT
+
+
 @contextlib.contextmanager
-def atomic_file(path: str | os.PathLike) -> Iterator[BinaryIO]:
-    """A binary file object for ``path``: written under a temporary name, fsync'd, given the usual
-    umask-respecting mode (temporary files are created private) and renamed into place on success."""
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """A temporary path next to ``path`` for a writer that wants a file name (a library's ``save_file``);
+    on success the file is fsync'd, given the usual umask-respecting mode (temporary files are created
+    private) and renamed onto ``path``. On an exception it is removed."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".tmp-{path.name}-")
+    os.close(fd)
     try:
-        with os.fdopen(fd, "wb") as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
+        yield Path(tmp)
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
         os.chmod(tmp, 0o666 & ~umask())
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+@contextlib.contextmanager
+def atomic_file(path: str | os.PathLike) -> Iterator[BinaryIO]:
+    """A binary file object for ``path``, written under a temporary name and renamed into place on success
+    (``atomic_path``)."""
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        yield f
+        f.flush()
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:

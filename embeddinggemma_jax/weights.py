@@ -23,7 +23,7 @@ from flax import nnx
 from embeddinggemma_jax.config import EncoderConfig, HeadConfig
 from embeddinggemma_jax.errors import ConfigError, FileFormatError, WeightsError
 from embeddinggemma_jax.io_utils import read_json
-from embeddinggemma_jax.safetensors_io import SafeTensorsFile
+from embeddinggemma_jax.safetensors_io import NAMES, SafeTensorsFile
 
 ENCODER_FILE = "model.safetensors"
 DENSE1_FILE = "2_Dense/model.safetensors"
@@ -138,12 +138,12 @@ class CheckpointReader:
             want = expected[spec.path]
             for i, hf_key in enumerate(spec.hf_keys(cfg.num_layers)):
                 k = self.key(spec, hf_key)
-                if k not in f.header:
+                if k not in f:
                     problems.append(f"missing {spec.file}:{k}")
                     continue
                 used[spec.file].add(k)
                 if f.dtype(k) not in FLOAT_DTYPES:
-                    problems.append(f"{spec.file}:{k} has dtype {f.header[k]['dtype']}, not a float type the model can "
+                    problems.append(f"{spec.file}:{k} has dtype {NAMES[f.dtype(k)]}, not a float type the model can "
                                     "hold (F32, BF16, F16, F64)")
                     continue
                 shape = f.shape(k)
