@@ -1,4 +1,4 @@
-"""Where a 2048-token document's time goes on this machine, and what the CPU defaults buy (issue 7).
+"""Where a 2048-token document's time goes on this machine, and what the CPU defaults buy.
 
     python benchmarks/profile_long.py [--threads 2] [--json]
 

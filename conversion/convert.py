@@ -14,11 +14,9 @@ from pathlib import Path
 
 from embeddinggemma_jax.hub import DEFAULT_MODEL
 
-CONVERT_HELP = "sentence-transformers folder or hub id -> Orbax checkpoint"
 CONVERT_DESCRIPTION = ("Convert a sentence-transformers folder (or hub id) of EmbeddingGemma into an Orbax checkpoint "
                        "holding the parameters, config, tokenizer and prompts. EmbeddingGemma.from_pretrained(OUTPUT) "
                        "loads it.")
-EXPORT_HELP = "Orbax checkpoint -> sentence-transformers folder"
 EXPORT_DESCRIPTION = ("Write a complete sentence-transformers folder (model.safetensors, 2_Dense, 3_Dense, configs, "
                       "tokenizer, prompts) from an Orbax checkpoint; SentenceTransformer(OUTPUT) loads it.")
 

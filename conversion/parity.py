@@ -27,7 +27,7 @@ from embeddinggemma_jax.head import l2_normalize
 DEFAULT_MIN_COSINE = {"float32": 0.99999, "bfloat16": 0.9995}
 # Relative error ||h_jax - h_torch|| / ||h_torch|| of a layer's output above which that layer is
 # named as the first one where the ports diverge. Healthy fp32 ports stay orders of magnitude below.
-# With --quantize, the threshold of each mode (issue 16); mixed and int4 are measured, not gated.
+# With --quantize, the threshold of each mode; mixed and int4 are measured, not gated.
 QUANT_MIN_COSINE = {"int8-weights": 0.999, "int8": 0.99, "mixed": None, "int4-weights": None}
 LAYER_TOLERANCE = {"float32": 1e-3, "bfloat16": 5e-2}
 
@@ -310,7 +310,6 @@ def cmd_parity(args) -> int:
     return 0
 
 
-PARITY_HELP = "compare embeddings with sentence-transformers (PyTorch)"
 PARITY_DESCRIPTION = ("Run sentence-transformers (PyTorch, fp32) and this package on the same texts; print per-text "
                       "token count, cosine and max abs difference, then min/median cosine and the worst cases. Exit "
                       "status 1 when any cosine is under the threshold.")

@@ -4,9 +4,18 @@ from embeddinggemma_jax.backend import keep_cpu_host_quiet
 
 keep_cpu_host_quiet()  # before anything starts JAX's backends: no libtpu warnings on a CPU-only host
 
-from embeddinggemma_jax.config import EncoderConfig, HeadConfig
-from embeddinggemma_jax.hub import DEFAULT_MODEL
-from embeddinggemma_jax.model import EmbeddingGemma
+from embeddinggemma_jax.config import EncoderConfig, HeadConfig  # noqa: E402  (light: no JAX)
+from embeddinggemma_jax.hub import DEFAULT_MODEL  # noqa: E402
+from embeddinggemma_jax.version import __version__  # noqa: E402
 
-__all__ = ["EmbeddingGemma", "EncoderConfig", "HeadConfig", "DEFAULT_MODEL"]
-__version__ = "0.1.0"
+__all__ = ["EmbeddingGemma", "EncoderConfig", "HeadConfig", "DEFAULT_MODEL", "__version__"]
+
+
+def __getattr__(name: str):
+    # EmbeddingGemma imports JAX and Flax: loaded on first use, so `embeddinggemma-jax --help` and the
+    # subcommands that do not run the model stay light.
+    if name == "EmbeddingGemma":
+        from embeddinggemma_jax.model import EmbeddingGemma
+
+        return EmbeddingGemma
+    raise AttributeError(f"module 'embeddinggemma_jax' has no attribute {name!r}")

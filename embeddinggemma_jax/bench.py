@@ -357,7 +357,6 @@ def format_report(r: dict) -> str:
     return "\n".join(lines)
 
 
-BENCH_HELP = "benchmark this package against sentence-transformers, side by side"
 BENCH_DESCRIPTION = ("Embed standard-library docstrings (50-700 tokens) and 2048-token documents with this package "
                      "(fp32, bf16) and sentence-transformers (fp32), each in a fresh process with the same threads; "
                      "print tokens/s, the ratio, compile time, peak memory, padding efficiency and MFU.")

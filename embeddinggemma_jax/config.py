@@ -9,7 +9,6 @@ conversion round trip can never halve the window.
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -196,6 +195,3 @@ class HeadConfig:
                     prompts={"query": "task: search result | query: ", "document": "title: none | text: "})
         base.update(overrides)
         return cls(**base)
-
-    def replace(self, **kw) -> "HeadConfig":
-        return dataclasses.replace(self, **kw)

@@ -110,23 +110,6 @@ def agree_error(message: str | None, max_bytes: int = 2048) -> str | None:
     return None
 
 
-def broadcast_bytes(data: bytes | None) -> bytes:
-    """Process 0's ``data`` on every process (the others pass None): two collectives, the payload
-    padded to a power of two so that few shapes compile."""
-    if jax.process_count() == 1:
-        return data or b""
-    from jax.experimental import multihost_utils
-
-    primary = jax.process_index() == 0
-    n = int(multihost_utils.broadcast_one_to_all(np.int32(len(data) if primary else 0)))
-    if n == 0:
-        return b""
-    buf = np.zeros(1 << (n - 1).bit_length(), np.uint8)
-    if primary:
-        buf[:n] = np.frombuffer(data, np.uint8)
-    return np.asarray(multihost_utils.broadcast_one_to_all(buf))[:n].tobytes()
-
-
 def barrier(name: str) -> None:
     if jax.process_count() > 1:
         from jax.experimental import multihost_utils

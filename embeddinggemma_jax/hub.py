@@ -29,8 +29,8 @@ from embeddinggemma_jax.io_utils import atomic_dir, atomic_file
 
 DEFAULT_MODEL = "google/embeddinggemma-300m"
 
-# The mirror is a third party's upload: these hashes (from shared/reference/weights-offline.md,
-# checked against the Hub's LFS objects) are what makes it trustworthy.
+# The mirror is a third party's upload: these hashes (the sha256 of the Hub's files,
+# checked against its LFS objects) are what makes it trustworthy.
 PINNED_FILES: dict[str, dict[str, tuple[int, str]]] = {
     DEFAULT_MODEL: {
         "1_Pooling/config.json": (312, "35bbd47d7fdf1e378db6130bcc668b09d1aa67a7bbf7c8f89a9c71f4cc8ebcc6"),

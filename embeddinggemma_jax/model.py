@@ -191,26 +191,63 @@ class EmbeddingGemma:
 
     def encode(self, texts: str | Sequence[str], prompt_name: str | None = None, prompt: str | None = None,
                dimensions: int | None = None, normalize: bool | None = None, batch_size: int = 32,
-               truncate: bool = True) -> np.ndarray:
-        """Embed ``texts``: a ``str`` gives [d], a list gives [n, d], float32, input order."""
+               truncate: bool = True, *, truncate_dim: int | None = None, normalize_embeddings: bool = False,
+               show_progress_bar: bool | None = None, convert_to_numpy: bool = True,
+               convert_to_tensor: bool = False):
+        """Embed ``texts``: a ``str`` gives [d], a list gives [n, d], float32, input order.
+
+        sentence-transformers' spellings work as they do there: ``truncate_dim`` keeps the first d components
+        of the model's output without re-normalising them (``normalize_embeddings=True`` normalises after the
+        cut), ``normalize_embeddings=True`` adds an L2 normalisation (``False`` leaves the model's own choice),
+        ``show_progress_bar`` shows one tick per batch, ``convert_to_tensor=True`` returns a JAX array and
+        ``convert_to_numpy=False`` a list of 1-D arrays; with neither ``prompt_name`` nor ``prompt`` the model's
+        ``default_prompt_name`` (config_sentence_transformers.json) applies.
+        """
         single = isinstance(texts, str)
         if not single and (isinstance(texts, (bytes, dict)) or not hasattr(texts, "__iter__")):
             raise TypeError(f"texts must be a str or a list of str, got {type(texts).__name__}")
         items = check_texts([texts] if single else texts)
+        if truncate_dim is not None and dimensions is not None:
+            raise ValueError("pass dimensions or truncate_dim (sentence-transformers' name), not both")
+        if truncate_dim is not None and (isinstance(truncate_dim, bool) or not isinstance(truncate_dim, (int, np.integer))
+                                         or not 1 <= truncate_dim <= self.dimensions):
+            raise ValueError(f"truncate_dim must be an integer between 1 and {self.dimensions}, got {truncate_dim!r}")
         d = check_dimensions(dimensions, self.dimensions)
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+        if prompt_name is None and prompt is None:
+            prompt_name = self.head_config.default_prompt_name
         items = self.apply_prompt(items, prompt_name, prompt)
-        raw = self.embed_token_ids(self.tokenizer.encode(items, truncate=truncate), batch_size)
+        raw = self.embed_token_ids(self.tokenizer.encode(items, truncate=truncate), batch_size,
+                                   progress=bool(show_progress_bar))
         if normalize is None:  # the model's own choice: a Normalize module in its modules.json
             normalize = self.head_config.normalize
         out = apply_dimensions(raw, d, normalize).astype(np.float32)
-        return out[0] if single else out
+        if truncate_dim is not None:
+            out = out[:, :truncate_dim]
+        if normalize_embeddings:
+            out = l2_normalize(out)
+        out = out[0] if single else out
+        if convert_to_tensor:
+            return jnp.asarray(out)
+        return out if convert_to_numpy or single else list(out)
 
-    def embed_token_ids(self, token_ids: Sequence[Sequence[int]], batch_size: int = 32) -> np.ndarray:
+    def get_embedding_dimension(self) -> int:
+        """sentence-transformers' name for ``dimensions``: the size of the model's output vector."""
+        return self.dimensions
+
+    get_sentence_embedding_dimension = get_embedding_dimension  # its name before sentence-transformers 5.2
+
+    def embed_token_ids(self, token_ids: Sequence[Sequence[int]], batch_size: int = 32,
+                        progress: bool = False) -> np.ndarray:
         """Unnormalised [n, out] fp32 for pre-tokenised inputs, in input order."""
         out = np.zeros((len(token_ids), self.dimensions), np.float32)
-        for batch in self.batches(token_ids, batch_size):
+        batches = self.batches(token_ids, batch_size)
+        if progress:
+            from tqdm.auto import tqdm
+
+            batches = tqdm(batches, desc="Batches", unit="batch")
+        for batch in batches:
             out[batch.index] = self.embed_batch(batch)
         return out
 
@@ -246,7 +283,7 @@ class EmbeddingGemma:
             if t is not None and not isinstance(t, str):
                 raise TypeError(f"title at index {i} is {type(t).__name__}, not str or None")
         prefixed = [DOCUMENT_TEMPLATE.format(title=t if t is not None else "none") + x for x, t in zip(items, titles)]
-        out = self.encode(prefixed, **kw)
+        out = self.encode(prefixed, prompt="", **kw)  # the title template is the prompt: no default prompt on top
         return out[0] if single else out
 
     @staticmethod

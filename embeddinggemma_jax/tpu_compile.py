@@ -572,7 +572,6 @@ def markdown(out: dict) -> str:
 
 
 # ----------------------------------------------------------------------------- CLI
-TPU_COMPILE_HELP = "compile the job's (or train) step for a v5e slice with libtpu; HBM and projected speed per bucket"
 TPU_COMPILE_DESCRIPTION = (
     "Compile exactly the program the batch job runs (or, with --train, the training step) for a TPU v5e "
     "slice through libtpu's compiler on this host (no TPU needed), for every bucket, and print per bucket "

@@ -299,3 +299,57 @@ def test_real_truncate_dim_matches_sentence_transformers(real_model, st_model):
         np.testing.assert_allclose(np.linalg.norm(got, axis=1), 1.0, atol=1e-6)
         assert _cos(got, ref).min() >= 0.99999
         np.testing.assert_allclose(got, _l2(ref), atol=1e-4)
+
+
+# --------------------------------------------------------------------------- sentence-transformers' spellings
+def test_sentence_transformers_spellings_equal_sentence_transformers(tiny_folder, tmp_path):
+    """``truncate_dim``, ``normalize_embeddings``, ``convert_to_*``, ``get_sentence_embedding_dimension`` and
+    ``default_prompt_name`` do what sentence-transformers does with the same folder (a copy whose config names a
+    default prompt)."""
+    import shutil
+
+    import jax
+    from sentence_transformers import SentenceTransformer
+
+    folder = tmp_path / "with-default-prompt"
+    shutil.copytree(tiny_folder, folder)
+    cfg_path = folder / "config_sentence_transformers.json"
+    cfg = json.loads(cfg_path.read_text())
+    assert "query" in cfg["prompts"]
+    cfg["default_prompt_name"] = "query"
+    cfg_path.write_text(json.dumps(cfg))
+    ours, st = EmbeddingGemma.from_pretrained(folder), SentenceTransformer(str(folder), device="cpu")
+    texts = ["hello world", "a somewhat longer sentence about planets", "x"]
+    st_dim = getattr(st, "get_embedding_dimension", None) or st.get_sentence_embedding_dimension
+    assert ours.get_embedding_dimension() == ours.get_sentence_embedding_dimension() == st_dim()
+    for kw in ({}, {"truncate_dim": 16}, {"truncate_dim": 16, "normalize_embeddings": True},
+               {"normalize_embeddings": True, "prompt_name": "document"}, {"prompt": "custom: "}):
+        want = st.encode(texts, **kw)
+        got = ours.encode(texts, **kw)
+        assert got.shape == want.shape, kw
+        np.testing.assert_allclose(got, want, atol=2e-5, err_msg=str(kw))
+    # the default prompt really applies: without it the vectors differ
+    assert not np.allclose(ours.encode(texts), ours.encode(texts, prompt=""), atol=1e-4)
+    as_tensor = ours.encode(texts, convert_to_tensor=True, show_progress_bar=True)
+    assert isinstance(as_tensor, jax.Array) and as_tensor.shape == (3, ours.dimensions)
+    as_list = ours.encode(texts, convert_to_numpy=False)
+    assert isinstance(as_list, list) and len(as_list) == 3 and as_list[0].shape == (ours.dimensions,)
+    with pytest.raises(ValueError, match="not both"):
+        ours.encode(texts, dimensions=32, truncate_dim=32)
+    with pytest.raises(ValueError, match="truncate_dim must be"):
+        ours.encode(texts, truncate_dim=0)
+
+
+def test_cli_help_and_version_import_no_heavy_module():
+    """`embeddinggemma-jax --help` lists every command without importing JAX, Orbax or Optax (each command's
+    module loads only when that command runs); `--version` prints the package version."""
+    from embeddinggemma_jax.version import __version__
+
+    code = ("import sys\nfrom embeddinggemma_jax.cli import main\n"
+            "try:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"
+            "heavy = [m for m in ('jax', 'flax', 'orbax.checkpoint', 'optax', 'torch') if m in sys.modules]\n"
+            "print('HEAVY', heavy)")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and "tpu-compile" in r.stdout and "HEAVY []" in r.stdout, (r.stdout[-500:], r.stderr)
+    r = _cli("--version")
+    assert r.returncode == 0 and r.stdout.strip() == f"embeddinggemma-jax {__version__}", r

@@ -376,7 +376,7 @@ def test_job_stages_run_on_their_own(tiny_folder, corpus, reference, tmp_path):
     assert output_files(out) == output_files(reference[0])
 
 
-# ------------------------------------------------------------------------------------------ refusals (issue 14)
+# ------------------------------------------------------------------------------------------ refusals
 def test_output_folder_that_is_not_a_job_folder_is_refused_before_writing(tiny_folder, corpus, tmp_path):
     out = tmp_path / "mine"
     (out / "sub").mkdir(parents=True)
@@ -444,7 +444,7 @@ def test_bad_record_on_one_host_stops_both_with_its_message(tiny_folder, cache, 
     assert msgs[0] == msgs[1] and f"{p}:20:" in msgs[0] and "--on-bad-record skip" in msgs[0]
 
 
-# ------------------------------------------------------------------------------------------ multi-host plans (issue 17)
+# ------------------------------------------------------------------------------------------ multi-host plans
 def test_simulated_hosts_keep_one_hosts_padding_efficiency():
     """The job's round planner for 4 and 16 hosts (v5litepod-16, -64) on a generated long-tailed corpus
     (log-normal lengths, median ~35 tokens, p99 ~300) against one v5litepod-8 host: within 5 points."""

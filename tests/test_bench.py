@@ -48,7 +48,8 @@ def test_bench_command_reports_every_engine(tiny_folder):
         assert c["tokens_per_s"] > 0 and 0 < c["mfu"] < 1 and 0 < c["padding_efficiency"] <= 1
         assert c["buckets_compiled"] >= 1 and c["compile_s_per_bucket"] > 0
         assert c["min_cosine_vs_st"] > 0.9999  # the two engines computed the same embeddings
-        assert c["speedup_vs_st"] > 0
+        st = r["engines"]["st-float32"]["corpora"][name]
+        assert c["speedup_vs_st"] == pytest.approx(c["tokens_per_s"] / st["tokens_per_s"])  # the ratio it prints
     assert jx["peak_rss_mb"] > 0 and jx["first_embedding_s"] >= jx["load_s"] > 0
 
 

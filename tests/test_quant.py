@@ -251,7 +251,7 @@ def test_embed_refuses_int4_modes_in_one_line(tiny_folder, tmp_path, capsys):
 @pytest.mark.slow
 def test_real_modes_against_fp32(real_model):
     """Every mode on short texts and a 2,048-token text against the fp32 model (which matches
-    sentence-transformers, test_api): int8-weights >= 0.999 and int8 >= 0.99 min cosine (issue 16);
+    sentence-transformers, test_api): int8-weights >= 0.999 and int8 >= 0.99 min cosine;
     mixed and int4 have no cosine gate, but must still rank the model card's answer first. The
     truncated repetitive text is the builtin case where int8 was weakest (0.98469 with a quantized
     Dense-head input: docs/quantization.md)."""

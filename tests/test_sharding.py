@@ -9,8 +9,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import jax
-import jax.numpy as jnp
 import pytest
 from jax.sharding import AbstractMesh, PartitionSpec
 
@@ -83,10 +81,7 @@ def test_compiled_results_agree_with_the_fits_and_fit_in_hbm():
                 continue  # steps run another per-chip program (v5litepod-1 at L=176: 11% above the fit): cap only
             f = topologies.memory_fit(L, memory)
             want = f["fixed_bytes"] + b["rows_per_chip"] * f["bytes_per_row"]
-            # the fit's own topology within 2%; other slices run a slightly different per-chip program
-            # (v5litepod-1: no partitioning; 1.67 vs 1.58 GiB at L=12); interpolated fits within 20%
-            own = out["topology"] == json.loads(topologies.COMPILED_MEMORY_FILE.read_text())["topology"]
-            tol = 0.2 if f["fit"] != "compiled" else 0.02 if own else 0.1
+            tol = 0.2 if f["fit"] != "compiled" else 0.02  # compiled fits within 2%, interpolated ones within 20%
             assert abs(b["hbm_bytes"] - want) <= tol * want, (out["topology"], L, b["hbm_bytes"], want, f["fit"])
 
 

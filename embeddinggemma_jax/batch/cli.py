@@ -8,11 +8,9 @@ import sys
 from embeddinggemma_jax import options
 from embeddinggemma_jax.batch.job import EmbedOptions, JobError
 
-EMBED_HELP = "embed a corpus into sharded .npy files (resumable, multi-host)"
 EMBED_DESCRIPTION = ("Stream the inputs, embed every record on all devices (and all hosts with --multihost), write "
                      "atomic shards plus manifest.json. Rerunning the same command resumes after a crash: finished "
                      "shards are kept.")
-VERIFY_HELP = "check an embed output holds every input record exactly once"
 VERIFY_DESCRIPTION = ("Re-read the inputs and check every unit's shard: present, checksums, ids in input order, bad "
                       "records in errors.jsonl, nothing extra.")
 

@@ -60,11 +60,7 @@ class ShardedEncoder:
             t = time.perf_counter()
             arg = jax.ShapeDtypeStruct(global_shape, jnp.int32, sharding=self.batch_sharding)
             with use_rules(self.mesh, self.rules):
-                lowered = self._jit.lower(self.state, arg, arg)
-                # CPU processes (gloo) share one compile; TPU/GPU hosts each compile on their own CPUs, in
-                # parallel, as JAX does (a pod's executables are large and device-specific).
-                shared = jax.process_count() > 1 and jax.default_backend() == "cpu"
-                exe = _compile_once(lowered) if shared else lowered.compile()
+                exe = self._jit.lower(self.state, arg, arg).compile()  # every process compiles its own, as JAX does
             self.compile_seconds += time.perf_counter() - t
             self._compiled[global_shape] = exe
         return exe
@@ -88,46 +84,6 @@ class ShardedEncoder:
         for s in out.addressable_shards:
             parts.setdefault(s.index[0].start or 0, s.data)
         return np.concatenate([np.asarray(parts[k]) for k in sorted(parts)], axis=0)
-
-
-def _compile_once(lowered):
-    """Process 0 compiles and sends the executable to the other processes, which load it instead of
-    compiling the same program: each shape is compiled once per job, not once per process. An
-    executable process 0 loaded from the persistent cache is not sent (on CPU, one re-serialised after
-    loading lacks its code): the others then compile it themselves (on CPU JAX keys its cache entries by
-    the process's own devices and writes them from process 0 only, so they miss the cache)."""
-    from jax.experimental.serialize_executable import deserialize_and_load, serialize
-
-    from embeddinggemma_jax.distributed import broadcast_bytes
-
-    blob = None
-    if jax.process_index() == 0:
-        hits = []
-
-        def listen(event, **_):
-            if event == "/jax/compilation_cache/cache_hits":
-                hits.append(event)
-
-        jax.monitoring.register_event_listener(listen)
-        try:
-            exe = lowered.compile()
-        finally:
-            jax.monitoring.unregister_event_listener(listen)
-        blob = b""
-        if not hits:
-            try:
-                blob = serialize(exe)[0]
-            except (ValueError, NotImplementedError):
-                pass
-    blob = broadcast_bytes(blob)
-    if jax.process_index() == 0:
-        return exe
-    if blob:
-        try:
-            return deserialize_and_load(blob, jax.tree.structure(lowered.args_info), lowered.out_tree)
-        except jax.errors.JaxRuntimeError:
-            pass
-    return lowered.compile()
 
 
 __all__ = ["ShardedEncoder"]

@@ -175,7 +175,6 @@ def format_report(r: dict) -> str:
     return "\n".join(lines)
 
 
-SERVE_BENCH_HELP = "benchmark the server under concurrent load against offline encode"
 SERVE_BENCH_DESCRIPTION = ("Start `serve` on a loopback port and measure throughput (against offline encode of the same "
                            "texts, in a fresh process), latency idle and under load, and priority against default "
                            "latency under load.")

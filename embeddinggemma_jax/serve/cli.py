@@ -15,7 +15,6 @@ import sys
 from embeddinggemma_jax import options
 from embeddinggemma_jax.serve.config import ServeOptions
 
-SERVE_HELP = "serve an OpenAI-compatible /v1/embeddings API (and TEI's /embed)"
 SERVE_DESCRIPTION = ("An embeddings server: POST /v1/embeddings (OpenAI's schema plus normalize, custom_instruction, "
                      "prompt_name, truncate, service_tier), POST /embed (Text Embeddings Inference), GET /v1/models, "
                      "/health, /ready, /metrics. Texts of concurrent requests share batches; priority-tier texts go "

@@ -12,12 +12,10 @@ import sys
 from embeddinggemma_jax import options
 from embeddinggemma_jax.train.run import RunConfig
 
-TRAIN_HELP = "fine-tune on JSONL (query, positive[, negative]) pairs"
 TRAIN_DESCRIPTION = ("Contrastive (MultipleNegativesRankingLoss) + Matryoshka fine-tuning with AdamW. Re-running with "
                      "the same --output-dir resumes from its latest checkpoint. Writes OUTPUT/metrics.jsonl, "
                      "OUTPUT/checkpoints/ and OUTPUT/final/ (a sentence-transformers folder). Settings come from the "
                      "defaults, then --config, then the flags given.")
-EXPORT_HELP = "write a sentence-transformers folder from a training checkpoint"
 
 
 def add_train_arguments(p) -> None:
