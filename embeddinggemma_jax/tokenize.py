@@ -61,7 +61,7 @@ class TextTokenizer:
         return _SpaceCuts.of(self._tok)
 
     def encode_bounded(self, texts: Sequence[str], truncate: bool = True, max_chars: int = 1 << 62,
-                       start_chars: int | None = None) -> list[list[int]]:
+                       start_chars: int | None = None, first_index: int = 0) -> list[list[int]]:
         """``encode(texts, truncate)``, the same ids, without tokenising a long text whole.
 
         A text longer than ``start_chars`` (default: 4 characters per token of the limit) is tokenised up to
@@ -70,17 +70,17 @@ class TextTokenizer:
         ``truncate=False`` the text is known to be too long); otherwise the prefix doubles. Never more than
         ``max_chars`` characters of a text are tokenised: a text that would need more raises
         ``TooManyCharacters``. Work and memory per text are therefore bounded by ``max_chars`` whatever the
-        text's length."""
+        text's length. Errors name a text by its index plus ``first_index``."""
         limit = self.max_length
         start = min(start_chars or 4 * limit, max_chars)
         out: list[list[int] | None] = [None] * len(texts)
         short = [i for i, t in enumerate(texts) if len(t) <= start]
         if short:
             for i, e in zip(short, self._tok.encode_batch_fast([texts[i] for i in short])):
-                out[i] = self._truncate(e.ids, i, truncate, limit)
+                out[i] = self._truncate(e.ids, first_index + i, truncate, limit)
         for i, t in enumerate(texts):
             if out[i] is None:
-                out[i] = self._encode_long(i, t, truncate, start, max_chars)
+                out[i] = self._encode_long(first_index + i, t, truncate, start, max_chars)
         return out
 
     def _encode_long(self, index: int, text: str, truncate: bool, start: int, max_chars: int) -> list[int]:
