@@ -180,7 +180,7 @@ def drain_probe(folder: Path, tmp: Path, drain_timeout: float) -> dict:
             took = time.monotonic() - t0
         cut = [line.strip() for line in log.read_text().splitlines() if "did not end within" in line]
         return {"drain_timeout_s": drain_timeout, "exit_status": status, "seconds_to_exit": round(took, 2),
-                "within_deadline": status is not None and took <= drain_timeout + 5, "log_line": cut[:1]}
+                "within_deadline": status == 3 and took <= drain_timeout, "log_line": cut[:1]}
     finally:
         if proc.poll() is None:
             proc.kill()

@@ -300,7 +300,7 @@ def test_sigterm_with_a_stalled_client_exits_within_the_drain_deadline(tiny_fold
             s.proc.send_signal(signal.SIGTERM)
             assert s.proc.wait(30) == 3
             took = time.monotonic() - t0
-        assert took < 3 + 2, took
+        assert took <= 3.0 + 0.25, took  # the deadline, plus scheduling jitter on a loaded CI machine
         log = s.log()
         assert "did not end within 3 s" in log and f"127.0.0.1:{port} (request unfinished)" in log
     finally:

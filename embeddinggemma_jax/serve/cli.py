@@ -1,8 +1,9 @@
 """``embeddinggemma-jax serve``: the hosted embeddings API on uvicorn.
 
 SIGTERM (or the first Ctrl+C) starts a drain: new requests get 503, the requests in flight finish,
-then the process exits 0. When they have not finished ``--drain-timeout-s`` after the signal, the
-connections still open are cut (each named in the log) and the process exits 3. A second Ctrl+C stops
+then the process exits 0. When they have not finished by ``--drain-timeout-s`` after the signal, the
+connections still open are cut (each named in the log; 0.5 s before the deadline, so that the process has
+exited by it) and the process exits 3. A second Ctrl+C stops
 at once.
 """
 
@@ -63,6 +64,9 @@ def cmd_serve(args) -> int:
         sys.stderr.flush()
         os._exit(3)
     return 0 if service.failure is None else 1
+
+
+CUT_MARGIN_S = 0.5  # seconds before --drain-timeout-s at which the connections left are cut
 
 
 def _protocol(header_timeout: float, log):
@@ -135,8 +139,9 @@ def _draining_server(config, service, drain_timeout: float, log):
         async def on_tick(self, counter: int) -> bool:
             if (service.state == "draining" and service.in_flight == 0) or service.state == "failed":
                 return True  # drained; or the model could not load, and a supervisor should see the exit
+            # Cut a little before the deadline, so that the process is gone by it (exiting takes ~0.3 s).
             if (service.state == "draining" and self._drain_started is not None
-                    and time.monotonic() - self._drain_started >= drain_timeout):
+                    and time.monotonic() - self._drain_started >= max(0.0, drain_timeout - CUT_MARGIN_S)):
                 self._cut_connections()
                 return True
             return await super().on_tick(counter)
