@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import typing
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -91,12 +92,12 @@ def add_arguments(parser: argparse.ArgumentParser, cls, only: tuple[str, ...] | 
         else:
             if m.get("parse"):
                 kw["type"] = m["parse"]
-            elif fl.type in (int, float, str):
+            elif fl.type in (int, str):
                 kw["type"] = fl.type
             elif fl.type in (int | None, typing.Optional[int]):
                 kw["type"] = int
-            elif fl.type in (float | None, typing.Optional[float]):
-                kw["type"] = float
+            elif fl.type in (float, float | None, typing.Optional[float]):
+                kw["type"] = finite_float
             for k in ("choices", "nargs", "metavar"):
                 if m.get(k) is not None:
                     kw[k] = m[k]
@@ -167,6 +168,37 @@ def differences(old: dict, new: dict) -> list[str]:
     return [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
 
 
+def finite_float(text: str) -> float:
+    """A float flag's value: a finite number ('nan' and 'inf' parse as floats but no setting means them)."""
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(v):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+    return v
+
+
+def check_ranges(obj, ranges: dict[str, tuple[float | None, float | None]] | None = None) -> None:
+    """Refuse, in one line naming the flag, a float field that is not finite (a JSON config can hold NaN) and
+    any int/float field outside ``ranges`` ({field name: (lowest, highest)}, None: unbounded; ints default to
+    >= 0 when not listed). For a dataclass's ``__post_init__``."""
+    ranges = ranges or {}
+    for fl in _flags(type(obj)):
+        v = obj
+        for name in fl.path:
+            v = getattr(v, name)
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            continue
+        if isinstance(v, float) and not math.isfinite(v):
+            raise ValueError(f"{fl.flag} must be a finite number, got {v}")
+        lo, hi = ranges.get(fl.field.name, (0, None) if isinstance(v, int) else (None, None))
+        if (lo is not None and v < lo) or (hi is not None and v > hi):
+            where = " and ".join(x for x in (f">= {lo}" if lo is not None else "", f"<= {hi}" if hi is not None
+                                             else "") if x)
+            raise ValueError(f"{fl.flag} must be {where}, got {v}")
+
+
 def ints(text: str) -> tuple[int, ...]:
     """'768,512,256' -> (768, 512, 256)."""
     try:
@@ -182,4 +214,5 @@ def floats(text: str) -> tuple[float, ...]:
         raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
 
 
-__all__ = ["option", "add_arguments", "build", "read_config", "flat_dict", "differences", "ints", "floats"]
+__all__ = ["option", "add_arguments", "build", "read_config", "flat_dict", "differences", "ints", "floats",
+           "finite_float", "check_ranges"]

@@ -296,6 +296,8 @@ def test_health_ready_models_metrics_and_startup_log(server):
 # ----------------------------------------------------------------------------- errors
 def post(server, body, key=KEY, route="/v1/embeddings", **kw):
     headers = {"Authorization": f"Bearer {key}"} if key else {}
+    if "content" in kw:  # raw bytes: say they are JSON (the server refuses other media types with 415)
+        headers["Content-Type"] = "application/json"
     if isinstance(body, (dict, list, str, int)) and "content" not in kw:
         kw["json"] = body
     return server.http.post(route, headers=headers, **kw)

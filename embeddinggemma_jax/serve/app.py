@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import base64
 import hmac
+import json
 import logging
 import threading
 import time
@@ -20,7 +21,7 @@ import numpy as np
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
@@ -30,8 +31,15 @@ from embeddinggemma_jax.batching import resolve_max_batch_tokens
 from embeddinggemma_jax.serve.config import SERVE_CPU_MAX_BATCH_TOKENS, ServeOptions
 from embeddinggemma_jax.serve.metrics import Metrics
 from embeddinggemma_jax.serve.schemas import ApiError, EmbedRequest, parse_json, parse_openai, parse_tei
+from embeddinggemma_jax.tokenize import TooManyCharacters
 
 log = logging.getLogger("embeddinggemma_jax.serve")
+
+TOKENIZE_CHUNK = 256  # texts tokenised per step: the request's token limit is checked after each
+
+
+class Disconnected(Exception):
+    """The client went away before its answer: logged in one line, counted apart from errors (status 499)."""
 
 
 class Service:
@@ -46,6 +54,7 @@ class Service:
         self.state = "loading"  # -> warming -> ready -> draining; or failed
         self.failure: str | None = None
         self.in_flight = 0
+        self.tokens_in_flight = 0  # reserved (an upper bound) before tokenising, the real count after
         self.warm_seconds: float | None = None
 
     # ------------------------------------------------------------------ lifecycle
@@ -113,14 +122,77 @@ class Service:
             raise ApiError(401, "missing or invalid API key; send the header 'Authorization: Bearer <key>'",
                            code="invalid_api_key")
 
-    async def embed(self, req: EmbedRequest) -> tuple[np.ndarray, int, int]:
-        """-> (vectors [n, d] fp32 with the request's dimensions and normalisation, tokens, batch step)."""
-        model = self.model
+    def _limit(self, status: int, what: str, flag: str, value, advice: str, param: str | None = "input",
+               code: str = "request_too_large") -> ApiError:
+        """A refusal that names the limit (its flag and value) and what to do."""
+        self.metrics.limited.labels(flag.lstrip("-")).inc()
+        kw = dict(type="rate_limit_error", headers={"Retry-After": str(self.retry_after())}) if status == 429 else {}
+        return ApiError(status, f"{what}, more than this server's limit of {value} ({flag} {value}); {advice}",
+                        param=param, code=code, **kw)
+
+    async def embed(self, req: EmbedRequest, gone: asyncio.Future | None = None) -> tuple[np.ndarray, int, int]:
+        """-> (vectors [n, d] fp32 with the request's dimensions and normalisation, tokens, batch step).
+        ``gone``: resolves when the client disconnects; its work is then dropped before the device."""
+        model, c = self.model, self.config
+        n = len(req.texts)
+        dims = req.dimensions or model.dimensions
+        if n * dims * 4 > c.max_response_bytes:  # checked before any work: the answer could not be sent
+            raise self._limit(413, f"the response would hold {n} x {dims} floats ({n * dims * 4} bytes)",
+                              "--max-response-mb", c.max_response_mb, "send fewer inputs or ask for fewer "
+                              "dimensions", param="dimensions" if req.dimensions else "input",
+                              code="response_too_large")
         try:
             texts = model.apply_prompt(req.texts, req.prompt_name, req.custom_instruction)
-            token_ids = await run_in_threadpool(model.tokenizer.encode, texts, req.truncate)
         except ValueError as e:
-            raise ApiError(400, str(e), param="input", code="input_too_long" if "tokens" in str(e) else None)
+            raise ApiError(400, str(e), param="input")
+        chars = sum(map(len, texts))
+        if chars > c.max_request_chars:
+            raise self._limit(413, f"the request holds {chars} characters (prompts included)", "--max-request-chars",
+                              c.max_request_chars, "split it over several requests")
+        limit = model.tokenizer.max_length
+        reserved = min(sum(min(limit, 4 * len(t) + 2) for t in texts), c.max_request_tokens)  # >= its tokens
+        if self.tokens_in_flight + reserved > c.max_tokens_in_flight:
+            raise self._limit(429, f"{self.tokens_in_flight} tokens are in flight and this request may add "
+                                   f"{reserved}", "--max-tokens-in-flight", c.max_tokens_in_flight, "retry later",
+                              param=None, code="tokens_in_flight")
+        self.tokens_in_flight += reserved
+        try:
+            token_ids = await run_in_threadpool(self._tokenize, texts, req.truncate)
+            tokens = sum(map(len, token_ids))
+            self.tokens_in_flight += tokens - reserved
+            reserved = tokens
+            return await self._run(token_ids, req, gone)
+        finally:
+            self.tokens_in_flight -= reserved
+
+    def _tokenize(self, texts: list[str], truncate: bool) -> list[list[int]]:
+        """Token ids, a chunk of texts at a time, each text tokenised at most up to ``--max-input-chars``;
+        refused as soon as the request's tokens pass ``--max-request-tokens``."""
+        c, tok = self.config, self.model.tokenizer
+        out, total = [], 0
+        for lo in range(0, len(texts), TOKENIZE_CHUNK):
+            chunk = texts[lo:lo + TOKENIZE_CHUNK]
+            try:
+                ids = tok.encode_bounded(chunk, truncate, max_chars=c.max_input_chars, first_index=lo)
+            except TooManyCharacters as e:
+                raise self._limit(400, f"input {e.index} has {e.chars} characters and its first {tok.max_length} "
+                                       f"tokens do not end at a space the tokenizer cannot merge across within "
+                                       f"the first {e.max_chars}", "--max-input-chars", c.max_input_chars,
+                                  "shorten it", code="input_too_long")
+            except ValueError as e:
+                raise ApiError(400, str(e), param="input", code="input_too_long" if "tokens" in str(e) else None)
+            total += sum(map(len, ids))
+            if total > c.max_request_tokens:
+                raise self._limit(413, f"the request has more than {total} tokens after truncation (counted through "
+                                       f"input {lo + len(chunk) - 1})", "--max-request-tokens",
+                                  c.max_request_tokens, "split it over several requests")
+            out.extend(ids)
+        return out
+
+    async def _run(self, token_ids: list[list[int]], req: EmbedRequest, gone: asyncio.Future | None):
+        model = self.model
+        if gone is not None and gone.done():
+            raise Disconnected("before its texts were queued")
         loop = asyncio.get_running_loop()
         done: asyncio.Future = loop.create_future()
 
@@ -135,7 +207,13 @@ class Service:
             raise ApiError(429, f"the queue is full ({e.waiting} texts waiting, limit {self.config.max_queue}); "
                                 f"retry later", type="rate_limit_error", code="queue_full",
                            headers={"Retry-After": str(self.retry_after())})
-        await done
+        if gone is None:
+            await done
+        else:
+            await asyncio.wait({done, gone}, return_when=asyncio.FIRST_COMPLETED)
+            if not done.done():
+                dropped = self.worker.cancel(job)
+                raise Disconnected(f"while its texts waited ({dropped} of {len(token_ids)} dropped before the device)")
         if job.error is not None:
             log.error("batch failed: %s: %s", type(job.error).__name__, job.error)
             raise ApiError(500, f"the model failed on this batch: {type(job.error).__name__}: {job.error}",
@@ -152,8 +230,30 @@ class Service:
         return max(1, int(np.ceil(self.worker.waiting_tokens() / rate))) if rate else 1
 
 
+class _AsciiJSON(JSONResponse):
+    """Error bodies quote what the client sent, which may hold a lone surrogate: escaped, it is still JSON."""
+
+    def render(self, content) -> bytes:
+        return json.dumps(content, ensure_ascii=True, separators=(",", ":")).encode("ascii")
+
+
 def _error(e: ApiError) -> JSONResponse:
-    return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
+    return _AsciiJSON(e.body(), status_code=e.status, headers=e.headers)
+
+
+async def _until_disconnect(request: Request) -> None:
+    """Returns when the client has gone (call once the body is read: the next ASGI message is the disconnect)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+def _json_content_type(request: Request) -> None:
+    """POST bodies must say they are JSON: a browser page can send a form or text/plain to any origin without
+    asking first (no CORS preflight), but not application/json."""
+    media = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
+    if media != "application/json":
+        raise ApiError(415, f"the request's Content-Type is {media or 'missing'!r}; send the JSON body with "
+                            f"'Content-Type: application/json'", code="unsupported_media_type")
 
 
 def create_app(service: Service) -> Starlette:
@@ -166,6 +266,7 @@ def create_app(service: Service) -> Starlette:
                 t0 = time.perf_counter()
                 tier = "default"
                 counted = False
+                gone = None
                 try:
                     if embeds:
                         if service.state in ("draining", "stopped"):
@@ -179,12 +280,24 @@ def create_app(service: Service) -> Starlette:
                                                 f"{': ' + service.failure if service.failure else ''}); "
                                                 f"retry when GET /ready answers 200", type="server_error",
                                            code="not_ready", headers={"Retry-After": "5"})
-                        body = await _read_body(request, cfg.max_body_bytes)
-                        response, tier = await handler(request, body)
+                        if service.in_flight > cfg.max_requests_in_flight:
+                            raise service._limit(429, f"{service.in_flight - 1} requests are in flight",
+                                                 "--max-requests-in-flight", cfg.max_requests_in_flight,
+                                                 "retry later", param=None, code="requests_in_flight")
+                        _json_content_type(request)
+                        body = await _read_body(request, cfg.max_body_bytes, cfg.body_timeout_s)
+                        gone = asyncio.ensure_future(_until_disconnect(request))
+                        response, tier = await handler(request, body, gone)
                     else:
                         response = await handler(request)
                 except ApiError as e:
                     response = _error(e)
+                except (Disconnected, ClientDisconnect) as e:
+                    client = request.client
+                    log.info("client %s disconnected %s on %s", f"{client.host}:{client.port}" if client else "?",
+                             e or "while sending its request", route)
+                    service.metrics.disconnects.labels(route).inc()
+                    response = Response(status_code=499)  # nginx's "client closed request"; nobody reads it
                 except Exception as e:  # noqa: BLE001 - one error object, never a traceback to the client
                     log.exception("unexpected error on %s", route)
                     response = _error(ApiError(500, f"internal error: {type(e).__name__}", type="server_error",
@@ -192,6 +305,8 @@ def create_app(service: Service) -> Starlette:
                 finally:
                     if counted:
                         service.in_flight -= 1
+                    if gone is not None:
+                        gone.cancel()
                 service.metrics.requests.labels(route, str(response.status_code)).inc()
                 if embeds:
                     service.metrics.latency.labels(route, tier).observe(time.perf_counter() - t0)
@@ -206,9 +321,9 @@ def create_app(service: Service) -> Starlette:
         return dict(prompts=m.prompts, full_dimensions=m.dimensions, max_inputs=cfg.max_inputs)
 
     @endpoint("/v1/embeddings", embeds=True)
-    async def openai_embeddings(request, body):
+    async def openai_embeddings(request, body, gone):
         req = parse_openai(parse_json(body), model_names=names, **limits())
-        vectors, tokens, step = await service.embed(req)
+        vectors, tokens, step = await service.embed(req, gone)
         if req.encoding_format == "base64":
             data = [base64.b64encode(np.ascontiguousarray(v, "<f4").tobytes()).decode("ascii") for v in vectors]
         else:
@@ -219,9 +334,9 @@ def create_app(service: Service) -> Starlette:
         return JSONResponse(payload, headers={"x-batch-step": str(step)}), req.service_tier
 
     @endpoint("/embed", embeds=True)
-    async def tei_embed(request, body):
+    async def tei_embed(request, body, gone):
         req = parse_tei(parse_json(body), **limits())
-        vectors, tokens, step = await service.embed(req)
+        vectors, tokens, step = await service.embed(req, gone)
         return JSONResponse(vectors.tolist(), headers={"x-batch-step": str(step)}), req.service_tier
 
     @endpoint("/v1/models", embeds=False)
@@ -273,17 +388,24 @@ def create_app(service: Service) -> Starlette:
                      exception_handlers={HTTPException: http_error}, lifespan=lifespan)
 
 
-async def _read_body(request: Request, limit: int) -> bytes:
-    """The body, refused with 413 as soon as it is known to exceed ``limit`` bytes."""
-    too_big = ApiError(413, f"the request body exceeds this server's limit of {limit} bytes; send fewer or "
-                            f"shorter inputs per request", code="request_too_large")
+async def _read_body(request: Request, limit: int, timeout: float) -> bytes:
+    """The body, refused with 413 as soon as it is known to exceed ``limit`` bytes, and with 408 when it has
+    not all arrived ``timeout`` seconds after the headers (a stalled client holds no slot for ever)."""
+    too_big = ApiError(413, f"the request body exceeds this server's limit of {limit} bytes (--max-body-mb); send "
+                            f"fewer or shorter inputs per request", code="request_too_large")
     length = request.headers.get("content-length")
     if length is not None and length.isdigit() and int(length) > limit:
         raise too_big
     chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise too_big
-        chunks.append(chunk)
+    try:
+        async with asyncio.timeout(timeout):
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > limit:
+                    raise too_big
+                chunks.append(chunk)
+    except TimeoutError:
+        raise ApiError(408, f"the request body did not arrive within {timeout:g} s of its headers (--body-timeout-s "
+                            f"{timeout:g}; {size} bytes came); send it at once", code="request_timeout",
+                       headers={"Connection": "close"}) from None
     return b"".join(chunks)

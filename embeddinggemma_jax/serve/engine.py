@@ -178,6 +178,26 @@ class BatchingWorker:
             self._gauge(job.tier)
             self._cond.notify_all()
 
+    def cancel(self, job: Job) -> int:
+        """Take a job's texts still waiting out of the queue (its client went away): they never reach the
+        device. Returns how many were dropped (texts already in a running batch finish there)."""
+        with self._cond:
+            dropped = 0
+            for L, q in self._queues[job.tier].items():
+                keep = deque(it for it in q if it.job is not job)
+                for it in q:
+                    if it.job is job:
+                        dropped += 1
+                        self._waiting_tokens -= len(job.token_ids[it.row])
+                self._queues[job.tier][L] = keep
+            self._waiting[job.tier] -= dropped
+            job.remaining -= dropped
+            self._gauge(job.tier)
+            if self.metrics is not None and dropped:
+                self.metrics.dropped.inc(dropped)
+            self._cond.notify_all()
+        return dropped
+
     def _gauge(self, tier: str) -> None:
         if self.metrics is not None:
             self.metrics.queue_depth.labels(tier).set(self._waiting[tier])

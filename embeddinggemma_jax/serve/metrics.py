@@ -32,6 +32,13 @@ class Metrics:
         self.queue_depth = Gauge(f"{p}_queue_depth", "Texts waiting for the device, by tier", ["tier"], registry=r)
         self.rejected = Counter(f"{p}_queue_rejections", "Requests refused because the queue was full", ["tier"],
                                 registry=r)
+        self.disconnects = Counter(f"{p}_client_disconnects", "Requests whose client went away before the answer "
+                                   "(counted as status 499 in embeddinggemma_requests, not as errors)", ["route"],
+                                   registry=r)
+        self.limited = Counter(f"{p}_limit_rejections", "Requests refused by a size or in-flight limit, by the "
+                               "limit's flag", ["limit"], registry=r)
+        self.dropped = Counter(f"{p}_dropped_texts", "Texts removed from the queue before the device because "
+                               "their client disconnected", registry=r)
         self._totals = (0, 0)  # real, padded tokens (the gauge's inputs; the counters cannot be read back)
         for t in TIERS:
             self.queue_depth.labels(t).set(0)

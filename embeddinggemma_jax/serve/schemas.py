@@ -50,8 +50,12 @@ class EmbedRequest:
 def parse_json(raw: bytes) -> dict:
     try:
         body = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise bad_request(f"the request body is not valid JSON ({e}); send a JSON object", code="invalid_json")
+    except RecursionError:
+        raise bad_request("the request body nests JSON arrays or objects too deeply; send a flat JSON object",
+                          code="invalid_json") from None
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError, and a number of more than 4,300 digits
+        raise bad_request(f"the request body is not valid JSON ({str(e)[:200]}); send a JSON object",
+                          code="invalid_json") from None
     if not isinstance(body, dict):
         raise bad_request(f"the request body must be a JSON object, got a JSON {_json_type(body)}",
                           code="invalid_json")
@@ -72,9 +76,16 @@ def _check_known(body: dict, known: tuple[str, ...]) -> None:
                           f"{', '.join(known)}", param=unknown[0], code="unknown_parameter")
 
 
+def _utf8(texts: list, field: str, indexed: bool = True) -> list[str]:
+    try:  # JSON can carry lone surrogates ("\ud800"), which no tokenizer takes
+        return check_texts(texts, lambda i: f"'{field}[{i}]'" if indexed else f"'{field}'")
+    except ValueError as e:
+        raise bad_request(str(e), param=field) from None
+
+
 def _texts(value, field: str, max_inputs: int) -> list[str]:
     if isinstance(value, str):
-        return [value]
+        return _utf8([value], field, indexed=False)
     if not isinstance(value, list):
         raise bad_request(f"'{field}' must be a string or a list of strings, got a JSON {_json_type(value)}",
                           param=field, code="invalid_type")
@@ -92,10 +103,7 @@ def _texts(value, field: str, max_inputs: int) -> list[str]:
                               f"strings", param=field, code="token_ids_unsupported")
         raise bad_request(f"'{field}[{i}]' is a JSON {_json_type(t)}; every input must be a string",
                           param=field, code="invalid_type")
-    try:  # JSON can carry lone surrogates ("\ud800"), which no tokenizer takes
-        return check_texts(value, lambda i: f"'{field}[{i}]'")
-    except ValueError as e:
-        raise bad_request(str(e), param=field) from None
+    return _utf8(value, field)
 
 
 def _typed(body: dict, field: str, kind: type, default, kind_name: str):
@@ -145,10 +153,13 @@ def parse_openai(body: dict, *, model_names: tuple[str, ...], prompts: dict[str,
         raise bad_request(f"'model' is required and must be a string (this server serves {model_names[0]!r})",
                           param="model", code="missing_required_parameter" if model is None else "invalid_type")
     if model not in model_names:
-        raise ApiError(404, f"the model {model!r} does not exist on this server; it serves "
-                            f"{', '.join(repr(n) for n in model_names)}", param="model", code="model_not_found")
+        # Only the served name: the aliases include the --model value, a local path clients need not see.
+        raise ApiError(404, f"the model {model!r} does not exist on this server; it serves {model_names[0]!r}",
+                       param="model", code="model_not_found")
     opts = _options(body, prompts, full_dimensions)
     instruction = _typed(body, "custom_instruction", str, None, "a string")
+    if instruction:
+        _utf8([instruction], "custom_instruction", indexed=False)
     if instruction and opts["prompt_name"] is not None:
         raise bad_request("pass either 'prompt_name' or 'custom_instruction', not both", param="custom_instruction")
     fmt = _typed(body, "encoding_format", str, "float", "a string")
