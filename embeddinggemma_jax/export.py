@@ -25,6 +25,7 @@ from embeddinggemma_jax.version import __version__
 from embeddinggemma_jax.weights import to_hf_tensors
 
 WRITER = "embeddinggemma_jax"
+MARKER_FILE = "config_sentence_transformers.json"  # names the writer (WRITER): is_exported_folder
 
 MODULES = [
     {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
@@ -65,7 +66,7 @@ def sentence_transformers_files(enc: EncoderConfig, head: HeadConfig,
 
 def is_exported_folder(folder: str | Path) -> bool:
     """A sentence-transformers folder written by this package (``save_folder``)."""
-    p = Path(folder) / "config_sentence_transformers.json"
+    p = Path(folder) / MARKER_FILE
     try:
         return WRITER in (read_json(p).get("__version__") or {})
     except (OSError, ValueError, AttributeError):

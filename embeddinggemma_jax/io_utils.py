@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import shutil
@@ -88,6 +89,29 @@ def check_replaceable(out_dir: str | os.PathLike, is_kind, kind: str) -> None:
                                   "(or empty it yourself)")
 
 
+@contextlib.contextmanager
+def stdout_for_one_document() -> Iterator[list]:
+    """For a command whose standard output is one machine-read document (``--json``): while the body runs,
+    file descriptor 1 points at stderr, so what libraries print there (Gloo's "[Gloo] Rank 0 is connected
+    to 1 peer ranks" on a multi-process run, in C++, past Python's sys.stdout) lands on stderr. The body
+    appends its document's text to the yielded list; it goes to the real stdout once fd 1 is restored."""
+    import sys
+
+    sys.stdout.flush()
+    saved = os.dup(1)
+    os.dup2(2, 1)
+    texts: list[str] = []
+    try:
+        yield texts
+    finally:
+        sys.stdout.flush()
+        os.dup2(saved, 1)
+        os.close(saved)
+    for t in texts:
+        sys.stdout.write(t if t.endswith("\n") else t + "\n")
+    sys.stdout.flush()
+
+
 def _read_umask() -> int:
     """The process umask without changing it: Linux reports it in /proc/self/status; elsewhere it is read
     (set and restored) once, here, at import, before any writer thread exists."""
@@ -131,9 +155,13 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
             os.close(fd)
         os.chmod(tmp, 0o666 & ~umask())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT) and not e.filename:
+            # "No space left on device" alone does not say which disk: name the file being written.
+            raise OSError(e.errno, f"{e.strerror} while writing {path}; free space there (the next run "
+                                   f"resumes)") from None
         raise
 
 

@@ -580,9 +580,14 @@ TPU_COMPILE_DESCRIPTION = (
 
 
 def _ints(text: str) -> tuple[int, ...]:
+    import argparse
+
     from embeddinggemma_jax.options import ints
 
-    return ints(text)
+    out = ints(text)
+    if not out or min(out) < 1:  # '' would otherwise mean "no filter": the full sweep
+        raise argparse.ArgumentTypeError(f"expected positive comma-separated lengths (e.g. 128,512), got {text!r}")
+    return out
 
 
 def add_tpu_compile_arguments(p) -> None:

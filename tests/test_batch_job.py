@@ -254,11 +254,13 @@ def _free_port() -> int:
 
 @pytest.mark.slow
 def test_two_processes_equal_one(tiny_folder, corpus, reference, cache, tmp_path):
-    """Two jax.distributed processes (gloo, 4 CPU devices each) write the same (id, embedding) set."""
+    """Two jax.distributed processes (gloo, 4 CPU devices each) write the same (id, embedding) set; with
+    --json, process 0's stdout is the JSON summary alone (Gloo's "[Gloo] Rank 0 is connected..." goes to
+    stderr: issue 26 #8)."""
     out = tmp_path / "two"
     port = _free_port()
     procs = [subprocess.Popen(cli("embed", "--model", tiny_folder, "--input", corpus, "--output", out,
-                                  "--id-field", "id", "--title-field", "title", *FAST_ARGS,
+                                  "--id-field", "id", "--title-field", "title", *FAST_ARGS, "--json",
                                   "--coordinator", f"127.0.0.1:{port}", "--num-processes", 2, "--process-id", i),
                               env=env_for(4, cache), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for i in range(2)]
@@ -278,7 +280,9 @@ def test_two_processes_equal_one(tiny_folder, corpus, reference, cache, tmp_path
     got = dict(zip(ids, emb))
     assert max(np.abs(got[i] - e).max() for i, e in zip(ref_ids, ref)) <= 1e-6
     assert verify(str(out))["records"] == len(ref_ids)
-    assert "embedded" in results[0][1] and "padding efficiency" in results[0][1]
+    summary = json.loads(results[0][0])  # the whole of stdout
+    assert summary["records"] == len(ref_ids) and summary["processes"] == 2
+    assert results[1][0] == ""
 
 
 @pytest.mark.slow
@@ -539,3 +543,125 @@ def test_host_work_overlaps_the_device_step(tiny_folder, tmp_path, monkeypatch):
     print(f"wall {base['wall_seconds']:.2f} s -> {slow['wall_seconds']:.2f} s with 4 s host + 4 s device added")
     assert slow["wall_seconds"] >= 4.0 and extra <= 6.0, extra  # serial would add 8 s
     assert output_files(tmp_path / "slow") == output_files(tmp_path / "base")
+
+
+# ------------------------------------------------------------------------------------------ changed inputs, odd inputs
+def _rewrite_texts(p: Path, prefix: str) -> None:
+    """Same path, lines and ids; other texts."""
+    recs = [json.loads(x) for x in p.read_text().splitlines()]
+    p.write_text("".join(json.dumps(dict(r, text=f"{prefix} {r['text']}")) + "\n" for r in recs))
+
+
+def test_rerun_over_a_changed_input_redoes_its_shards_and_verify_fails_on_the_mix(tiny_folder, tmp_path, capfd):
+    """Issue 26 #3: a job "killed" after 2 of 3 shards (the third shard and the manifest removed), the input
+    rewritten with new texts under the same path, lines and ids, the same command rerun: the two kept shards
+    are redone (never kept with the old texts' embeddings), so the output equals a fresh run on the new input
+    byte for byte; verify --input on a finished output whose input was then rewritten fails naming the lines."""
+    p = write_corpus(tmp_path / "c.jsonl", n=40, seed=7)
+    opts = dict(model=str(tiny_folder), inputs=[str(p)], id_field="id", **FAST)
+    out = tmp_path / "out"
+    run_embed(EmbedOptions(output=str(out), **opts))
+    assert verify(str(out), [str(p)])["records"] == 40
+    _rewrite_texts(p, "changed")
+    with pytest.raises(VerifyError, match=rf"shard 00000-0000000: {p} lines 1-16 changed since the shard was written"):
+        verify(str(out), [str(p)])
+
+    (out / "manifest.json").unlink()  # as if killed after two shards
+    for f in (out / "shards").glob("00000-0000002.*"):
+        f.unlink()
+    s = run_embed(EmbedOptions(output=str(out), **opts))
+    assert s["units_done"] == 3 and s["units_skipped"] == 0
+    assert "lines 1-16 changed since shard 00000-0000000 was written" in capfd.readouterr().err
+    fresh = tmp_path / "fresh"
+    run_embed(EmbedOptions(output=str(fresh), **opts))
+    assert output_files(out) == output_files(fresh)
+    assert verify(str(out), [str(p)])["records"] == 40
+
+
+def test_lone_surrogate_fails_with_file_and_line_or_is_skipped(tiny_folder, tmp_path):
+    """Issue 26 #6: a JSON escape that decodes to a lone surrogate is a bad record (file:line), in the text,
+    the title or the id; --on-bad-record skip counts it in errors.jsonl."""
+    p = tmp_path / "s.jsonl"
+    good = [json.dumps({"id": f"d{i}", "text": f"text {i}"}) for i in range(6)]
+    p.write_text("\n".join(good[:2] + ['{"id": "x", "text": "a\\ud800b"}', good[2],
+                                       '{"id": "y\\udfff", "text": "ok"}'] + good[3:]) + "\n")
+    with pytest.raises(BadRecordError, match=rf"{p}:3: field 'text' holds a lone surrogate"):
+        run_embed(EmbedOptions(model=str(tiny_folder), inputs=[str(p)], output=str(tmp_path / "o1"), id_field="id",
+                               **FAST))
+    out = tmp_path / "o2"
+    s = run_embed(EmbedOptions(model=str(tiny_folder), inputs=[str(p)], output=str(out), id_field="id",
+                               on_bad_record="skip", **FAST))
+    assert s["records"] == 6 and s["bad"] == 2
+    errors = [json.loads(x) for x in (out / "errors.jsonl").read_text().splitlines()]
+    assert [e["line"] for e in errors] == [3, 5] and "id field 'id' holds a lone surrogate" in errors[1]["error"]
+
+
+def test_bom_gzip_and_ids_that_differ_only_in_type(tiny_folder, tmp_path):
+    """Issue 26 #9: a UTF-8 BOM is not part of the first record's text; a .jsonl.gz input is read (the
+    same embeddings as the plain file); ids "1" and 1 are reported as duplicates."""
+    import gzip
+
+    t = tmp_path / "a.txt"
+    t.write_bytes(b"\xef\xbb\xbffirst\nsecond\n")
+    (u,) = iter_units(InputSpec((str(t),), "text"))
+    assert [r.text for r in u.records] == ["first", "second"]
+    j = tmp_path / "b.jsonl"
+    j.write_bytes(b'\xef\xbb\xbf{"id": 1, "text": "one"}\n{"id": "1", "text": "uno"}\n{"id": 2, "text": "two"}\n')
+    z = tmp_path / "b.jsonl.gz"
+    z.write_bytes(gzip.compress(j.read_bytes()))
+    outs = {}
+    for p in (j, z):
+        outs[p.name] = out = tmp_path / f"out-{p.name}"
+        run_embed(EmbedOptions(model=str(tiny_folder), inputs=[str(p)], output=str(out), id_field="id", **FAST))
+        m = json.loads((out / "manifest.json").read_text())
+        assert m["counts"]["records"] == 3 and m["counts"]["bad_records"] == 0
+        assert m["duplicate_ids"] == [{"id": "1", "first": {"file": str(p), "line": 1},
+                                       "again": {"file": str(p), "line": 2}}]
+        assert verify(str(out), [str(p)])["records"] == 3
+    np.testing.assert_array_equal(shards.load_all(outs[j.name])[1], shards.load_all(outs[z.name])[1])
+    bad = tmp_path / "c.jsonl.gz"
+    bad.write_bytes(b"not gzip\n")
+    with pytest.raises(InputError, match=rf"input {bad}: not a readable gzip file"):
+        list(iter_units(InputSpec((str(bad),), "jsonl")))
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda t: t[:len(t) // 2], "is not valid JSON"),
+    (lambda t: "[1, 2]", "holds a JSON list, not an object"),
+    (lambda t: json.dumps(dict(json.loads(t), options=None)), "lacks or mangles options"),
+    (lambda t: json.dumps({k: v for k, v in json.loads(t).items() if k != "counts"}), "lacks or mangles counts"),
+    (lambda t: json.dumps(dict(json.loads(t), shards=[1])), "lacks or mangles shards"),
+])
+def test_verify_on_a_truncated_or_malformed_manifest_is_one_line(reference, tmp_path, damage, message):
+    import shutil
+
+    from embeddinggemma_jax.cli import main
+
+    d = tmp_path / "copy"
+    shutil.copytree(reference[0], d)
+    (d / "manifest.json").write_text(damage((d / "manifest.json").read_text()))
+    with pytest.raises(VerifyError, match=message):
+        verify(str(d))
+    r = subprocess.run(cli("verify", d), capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    assert r.returncode == 1 and len(r.stderr.strip().splitlines()) == 1 and message in r.stderr, r.stderr
+
+
+def test_disk_full_names_the_path(tmp_path, monkeypatch):
+    import errno
+
+    from embeddinggemma_jax import io_utils
+
+    def full(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(io_utils.os, "fsync", full)
+    target = tmp_path / "shards" / "x.npy"
+    with pytest.raises(OSError, match=rf"No space left on device while writing {target}"):
+        shards.write_atomic(target, b"data")
+    assert list((tmp_path / "shards").iterdir()) == []
+
+
+def test_tpu_compile_refuses_empty_buckets():
+    r = subprocess.run(cli("tpu-compile", "--topology", "v5litepod-1", "--buckets", ""), capture_output=True,
+                       text=True, env=dict(os.environ, PYTHONPATH=str(ROOT)), timeout=120)
+    assert r.returncode == 2 and "expected positive comma-separated lengths" in r.stderr, r.stderr

@@ -4,6 +4,7 @@ the 1-device step; the data stream, metrics, CLI and export behave."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -423,23 +424,147 @@ def test_tpu_training_configs_parse(tmp_path):
         run_config(args)
 
 
-def test_url_output_dir_is_refused_in_one_line(tmp_path, tiny_folder):
-    """``Path("gs://b/run")`` is the local folder ``gs:/b/run``: a run would have written its checkpoints
-    there unseen. It is refused before anything is read or written (train and train-export)."""
-    train = tmp_path / "t.jsonl"
-    train.write_text('{"query": "a", "positive": "b"}\n')
+def test_url_folder_is_refused_by_train_export_in_one_line(tmp_path):
+    """``Path("gs://b/run")`` is the local folder ``gs:/b/run``: train-export, which writes through the local
+    filesystem, refuses a URL before anything is read or written (``train --output-dir gs://`` works:
+    tests/test_gcs.py)."""
     from embeddinggemma_jax.errors import InputError
     from embeddinggemma_jax.train.run import export_checkpoint
 
-    r = subprocess.run([sys.executable, "-m", "embeddinggemma_jax.cli", "train", "--model", str(tiny_folder),
-                        "--train-file", str(train), "--output-dir", "gs://bucket/run"], capture_output=True, text=True,
-                       cwd=tmp_path, env=dict(os.environ, PYTHONPATH=str(ROOT), JAX_PLATFORMS="cpu"), timeout=300)
-    assert r.returncode != 0 and len(r.stderr.strip().splitlines()) == 1, r.stderr
-    assert "--output-dir gs://bucket/run" in r.stderr and "gcsfuse" in r.stderr, r.stderr
     for run_dir, out_dir in (("gs://bucket/run", tmp_path / "final"), (tmp_path, "s3://bucket/final")):
         with pytest.raises(InputError, match="://"):
             export_checkpoint(run_dir, out_dir)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["t.jsonl"]  # no local gs: or s3: folder
+    assert list(tmp_path.iterdir()) == []  # no local gs: or s3: folder
+
+
+def _small_run(tiny_folder, train, out, **kw):
+    from embeddinggemma_jax.train.run import RunConfig
+
+    tc = st.TrainConfig(matryoshka_dims=(40, 16), total_steps=kw.pop("steps", 4), warmup_steps=1, dtype="float32",
+                        learning_rate=1e-3)
+    return RunConfig(model=str(tiny_folder), train_file=str(train), output_dir=str(out), train=tc, batch_size=4,
+                     max_length=64, pad_to_max_length=True, save_every=2, progress=False, export=False, **kw)
+
+
+def test_resume_refuses_changed_data_model_prompts_and_fields(tiny_folder, tmp_path, compile_cache):
+    """Issue 26 #4: a run with a checkpoint, resumed with another pair file, the same file rewritten, another
+    base model, another prompt or other field names: refused before any step, naming what changed."""
+    from embeddinggemma_jax.testing import make_tiny_folder
+    from embeddinggemma_jax.train.data import Fields
+    from embeddinggemma_jax.train.run import Run
+
+    train = _write_pairs(tmp_path / "train.jsonl", 12, seed=1)
+    recs = [json.loads(x) for x in train.read_text().splitlines()]
+    train.write_text("".join(json.dumps(dict(r, q=r["query"])) + "\n" for r in recs))  # a second query field
+    out = tmp_path / "run"
+    run = Run(_small_run(tiny_folder, train, out, stop_after=2))
+    run.fit(say=lambda s: None)
+    run.close()
+    other = _write_pairs(tmp_path / "other.jsonl", 12, seed=2)
+    other_model = make_tiny_folder(tmp_path / "tiny2", seed=1)
+    changes = [
+        (dict(train_file=other), "train_files"),
+        (dict(query_prompt=""), "query_prompt"),
+        (dict(fields=Fields(query="q")), "fields"),
+        (dict(model=str(other_model)), "model"),
+    ]
+    for change, name in changes:
+        rc = dataclasses.replace(_small_run(tiny_folder, train, out), **{k: str(v) if isinstance(v, Path) else v
+                                                                        for k, v in change.items()})
+        run = Run(rc)
+        with pytest.raises(ValueError, match=rf"was written with other settings \(.*\b{name}: "):
+            run.fit(say=lambda s: None)
+        assert run.step == 0
+        run.close()
+    train.write_text("".join(json.dumps(dict(r, q=r["query"], positive=r["positive"] + "!")) + "\n" for r in recs))
+    run = Run(_small_run(tiny_folder, train, out))
+    with pytest.raises(ValueError, match=r"train_sha256: .*the pair files' content changed since"):
+        run.fit(say=lambda s: None)
+    run.close()
+
+
+def test_resume_keeps_a_users_metrics_lines_and_refuses_a_foreign_final_before_training(tiny_folder, tmp_path,
+                                                                                          compile_cache):
+    """Issue 26 #4: a resume drops only the lines the run wrote after its checkpoint, never a user's own
+    lines already in metrics.jsonl; an existing final/ that this package did not write is refused before
+    the first step, not after the last."""
+    from embeddinggemma_jax.train.run import Run
+
+    train = _write_pairs(tmp_path / "train.jsonl", 12, seed=1)
+    out = tmp_path / "run"
+    out.mkdir()
+    mine = ['{"step": 100, "note": "my own line"}', '{"step": 3, "note": "mine too"}', "not json at all"]
+    (out / "metrics.jsonl").write_text("".join(x + "\n" for x in mine))
+    run = Run(_small_run(tiny_folder, train, out, stop_after=3))  # checkpoint at 2, step 3 logged after it
+    run.fit(say=lambda s: None)
+    run.close()
+    run = Run(_small_run(tiny_folder, train, out))
+    run.fit(say=lambda s: None)
+    run.close()
+    lines = (out / "metrics.jsonl").read_text().splitlines()
+    assert lines[:3] == mine
+    assert [json.loads(x)["step"] for x in lines[3:]] == [1, 2, 3, 4]
+
+    (out / "final").mkdir()
+    (out / "final" / "notes.txt").write_text("not a model")
+    fresh = tmp_path / "fresh"
+    run = Run(dataclasses.replace(_small_run(tiny_folder, train, out), output_dir=str(fresh), export=True))
+    (fresh / "final").mkdir(parents=True)
+    (fresh / "final" / "notes.txt").write_text("not a model")
+    with pytest.raises(FileExistsError, match="final exists and is not a model folder written by embeddinggemma-jax"):
+        run.fit(say=lambda s: None)
+    ck = fresh / "checkpoints"
+    assert run.step == 0 and not (ck.exists() and any(p.name.isdigit() for p in ck.iterdir()))
+    run.close()
+
+
+def test_max_length_at_or_below_the_prompt_is_refused(tiny_folder):
+    """Issue 26 #7: a --max-length that leaves no token after the prompt trained on the prompt alone."""
+    from embeddinggemma_jax.train.data import BatchEncoder
+
+    tok, head = _tokenizer(tiny_folder)
+    n = len(tok.encode([head.prompts["query"]])[0])
+    with pytest.raises(ValueError, match=rf"--max-length {n} leaves no token for the text: the query prompt "
+                                         rf"'query' .* is {n} tokens"):
+        BatchEncoder(tok, head.prompts, n, (n,))
+    BatchEncoder(tok, head.prompts, n + 1, (n + 1,), document_prompt="")
+
+
+@pytest.mark.real
+def test_max_length_refusal_names_the_real_prompt_lengths(real_folder):
+    """The real prompts are 10 (query) and 9 (document) tokens with <bos> and <eos>."""
+    from embeddinggemma_jax.train.data import BatchEncoder
+
+    tok, head = _tokenizer(real_folder)
+    with pytest.raises(ValueError, match="the query prompt 'query' .* is 10 tokens"):
+        BatchEncoder(tok, head.prompts, 10, (10,))
+    with pytest.raises(ValueError, match="the document prompt 'document' .* is 9 tokens"):
+        BatchEncoder(tok, head.prompts, 9, (9,), query_prompt="")
+    BatchEncoder(tok, head.prompts, 11, (11,))
+
+
+def test_pair_file_checks_surrogates_folders_and_reads_parquet(tmp_path):
+    """Issue 26 #6 (train): a lone surrogate is found when the file is validated, naming file and line; a
+    folder is "a folder", not "does not exist"; a parquet pair file gives the same records as the JSONL."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from embeddinggemma_jax.train.data import PairFile
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"query": "a", "positive": "b"}\n{"query": "a\\ud800b", "positive": "c"}\n')
+    with pytest.raises(ValueError, match=rf"{bad} line 2: field 'query' holds a lone surrogate"):
+        PairFile(bad)
+    with pytest.raises(IsADirectoryError, match="is a folder"):
+        PairFile(tmp_path)
+    j = _write_pairs(tmp_path / "p.jsonl", 9, negatives=True)
+    recs = [json.loads(x) for x in j.read_text().splitlines()]
+    q = tmp_path / "p.parquet"
+    pq.write_table(pa.table({k: [r[k] for r in recs] for k in ("query", "positive", "negative")}), q,
+                   row_group_size=4)
+    a, b = PairFile(j), PairFile(q)
+    assert b.all_records() == a.all_records() and len(b) == 9
+    assert [r[2] for r in PairFile(q, Fields(negative="")).all_records()] == [None] * 9
 
 
 # ----------------------------------------------------------------------------- multi-host

@@ -39,9 +39,17 @@ def cmd_embed(args) -> int:
         r = plan_only(o, o.simulate_hosts)
         print(json.dumps(r) if args.json else format_plan(r))
         return 0
-    s = run_embed(o)
-    if jax.process_index() == 0:
-        print(json.dumps(s) if args.json else format_summary(s), file=sys.stdout if args.json else sys.stderr)
+    if not args.json:
+        s = run_embed(o)
+        if jax.process_index() == 0:
+            print(format_summary(s), file=sys.stderr)
+        return 0
+    from embeddinggemma_jax.io_utils import stdout_for_one_document
+
+    with stdout_for_one_document() as document:  # stdout: the summary alone, whatever the libraries print
+        s = run_embed(o)
+        if jax.process_index() == 0:
+            document.append(json.dumps(s))
     return 0
 
 

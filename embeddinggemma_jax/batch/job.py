@@ -70,7 +70,7 @@ from embeddinggemma_jax.topologies import TOPOLOGIES
 MANIFEST = "manifest.json"
 JOB = "job.json"
 ERRORS = "errors.jsonl"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: every shard records its input's fingerprint (input_sha256)
 
 
 
@@ -413,7 +413,7 @@ def write(ctx: JobContext, rnd: Round, raw: np.ndarray, stats: JobStats) -> None
     emb = apply_dimensions(raw, ctx.dims, True).astype(np.float32)
     meta = {"file": u.path, "file_index": u.file_index, "unit": u.unit_index, "first_line": u.first_line,
             "last_line": u.last_line, "blank": u.blank, "tokens": int(sum(lens)),
-            "padded_tokens": unit_padded_tokens(rnd, me),
+            "padded_tokens": unit_padded_tokens(rnd, me), "input_sha256": u.sha256,
             "bad": [b.to_json(u.path) for b in u.bad]}
     shards.write_shard(ctx.out, u.name, emb, [r.id for r in u.records], meta)
     stats.records += len(lens)
@@ -501,8 +501,13 @@ def read_ahead(ctx: JobContext, units) -> _Ahead:
     u = next(units, None)
     if u is None:
         return _Ahead(None, True, [])
-    if shards.check_shard(ctx.out, u.name) is None:
-        return _Ahead(u, True)
+    meta = shards.read_meta(ctx.out, u.name)
+    if shards.check_shard(ctx.out, u.name, meta) is None:
+        if meta.get("input_sha256") == u.sha256:
+            return _Ahead(u, True)
+        # The shard was made from other input (the file was rewritten since): redo it, never keep it.
+        print(f"embed: {u.path} lines {u.first_line}-{u.last_line} changed since shard {u.name} was written "
+              f"(input fingerprint differs); redoing that shard", file=sys.stderr)
     try:
         return _Ahead(u, False, tokenize_unit(ctx, u))
     except BadRecordError as e:
@@ -569,7 +574,8 @@ def run_embed(o: EmbedOptions) -> dict:
 
 
 def _id_key(x) -> str:
-    return json.dumps(x, sort_keys=True)
+    """Ids compare as text: ``"1"`` and ``1`` name the same record for whoever joins on them."""
+    return str(x) if isinstance(x, (str, int)) else json.dumps(x, sort_keys=True)
 
 
 def find_duplicates(records) -> list[dict]:
@@ -641,7 +647,8 @@ def write_manifest(out, unit_names: list[str], job: dict) -> dict:
                    "padding_efficiency": round(padding_efficiency(tokens, padded), 6),
                    "duplicate_ids": len(dups)},
         "duplicate_ids": dups,
-        "shards": [{k: m[k] for k in ("name", "file", "first_line", "last_line", "records", "sha256")} for m in metas],
+        "shards": [{k: m[k] for k in ("name", "file", "first_line", "last_line", "records", "input_sha256", "sha256")}
+                   for m in metas],
     }
     shards.write_atomic(out / MANIFEST, (json.dumps(manifest, indent=1) + "\n").encode())
     return manifest
@@ -666,6 +673,29 @@ def format_summary(s: dict) -> str:
     return "\n".join(lines)
 
 
+def _read_manifest(mp, out_dir: str) -> tuple[dict, dict]:
+    """manifest.json and its options, or a one-line VerifyError for a truncated or malformed file."""
+    from embeddinggemma_jax.errors import FileFormatError
+    from embeddinggemma_jax.io_utils import parse_json
+
+    hint = "it was damaged or edited; rerun the embed command (it rewrites the manifest from the shards)"
+    try:
+        manifest = parse_json(mp.read_bytes(), f"{out_dir}/{MANIFEST}", expect=dict, hint=hint)
+    except FileFormatError as e:
+        raise VerifyError(str(e)) from None
+    need = {"options": dict, "shards": list, "counts": dict}
+    bad = [k for k, t in need.items() if not isinstance(manifest.get(k), t)]
+    opt = manifest.get("options") or {}
+    if not bad:
+        bad = [k for k in ("inputs", "format", "text_field", "id_field", "title_field", "unit_size", "dimensions")
+               if k not in opt]
+        bad += [k for k in ("records", "bad_records") if not isinstance(manifest["counts"].get(k), int)]
+        bad += ["shards"] if not all(isinstance(s, dict) and {"name", "sha256"} <= set(s) for s in manifest["shards"]) else []
+    if bad:
+        raise VerifyError(f"{out_dir}/{MANIFEST} lacks or mangles {', '.join(bad)}; {hint}")
+    return manifest, opt
+
+
 def verify(out_dir: str, inputs: Sequence[str] | None = None, check_values: bool = True) -> dict:
     """Check that DIR holds every input record exactly once: the shard for every unit, checksums,
     ids equal to the input's in order, bad records accounted for, no extra files."""
@@ -674,8 +704,7 @@ def verify(out_dir: str, inputs: Sequence[str] | None = None, check_values: bool
     if not mp.exists():
         raise VerifyError(f"{out_dir}/{MANIFEST} is missing: the job has not finished; rerun the embed command "
                           f"to resume it")
-    manifest = json.loads(mp.read_text())
-    opt = manifest["options"]
+    manifest, opt = _read_manifest(mp, out_dir)
     paths = expand_inputs(inputs) if inputs else opt["inputs"]
     if list(paths) != list(opt["inputs"]):
         raise VerifyError(f"--input {' '.join(paths)} differs from the job's inputs {' '.join(opt['inputs'])}; "
@@ -697,6 +726,10 @@ def verify(out_dir: str, inputs: Sequence[str] | None = None, check_values: bool
             continue
         if name not in listed or listed[name]["sha256"] != meta["sha256"]:
             problems.append(f"shard {name} is not in the manifest as written")
+        if meta.get("input_sha256") != u.sha256:
+            problems.append(f"shard {name}: {u.path} lines {u.first_line}-{u.last_line} changed since the shard was "
+                            f"written (input fingerprint differs); rerun the embed command to redo it")
+            continue
         emb, ids = shards.load_shard(out, name)
         want = [r.id for r in u.records]
         if ids != want:

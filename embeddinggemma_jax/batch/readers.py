@@ -65,6 +65,7 @@ class Unit:
     bad: list[BadRecord] = field(default_factory=list)
     blank: int = 0  # blank lines (not records)
     bytes_done: int = 0  # input bytes up to the end of this unit, over all files (progress)
+    sha256: str | None = None  # fingerprint of the unit's input (``fingerprint``); selected units only
 
     @property
     def name(self) -> str:
@@ -77,7 +78,7 @@ def unit_name(file_index: int, unit_index: int) -> str:
 
 def infer_format(paths: Sequence[str]) -> str:
     def one(p: str) -> str:
-        p = p.lower()
+        p = p.lower().removesuffix(".gz")
         if p.endswith((".jsonl", ".json", ".ndjson")):
             return "jsonl"
         if p.endswith((".parquet", ".pq")):
@@ -91,9 +92,27 @@ def infer_format(paths: Sequence[str]) -> str:
 
 
 def _epath(p: str):
-    from etils import epath
+    from embeddinggemma_jax.storage import epath
 
-    return epath.Path(p)
+    return epath(p)
+
+
+def is_gzip(path: str) -> bool:
+    return str(path).lower().endswith(".gz")
+
+
+def fingerprint() -> "hashlib._Hash":
+    """The hash a unit's input is fingerprinted with: sha256 over its raw lines (jsonl, text: the bytes
+    as stored, after gzip decompression) or over its rows' field values (parquet: ``_row_bytes``). A
+    shard records its unit's fingerprint; a rerun redoes a shard whose input changed, ``verify`` reports it."""
+    import hashlib
+
+    return hashlib.sha256()
+
+
+def _row_bytes(cols: dict, j: int) -> bytes:
+    return (json.dumps([cols[c][j] for c in sorted(cols)], ensure_ascii=False, default=str) + "\n").encode(
+        "utf-8", "surrogatepass")
 
 
 def expand_inputs(paths: Sequence[str]) -> list[str]:
@@ -149,12 +168,26 @@ def _check_title(v):
     return v
 
 
+def check_unicode(v, what: str):
+    """A string that UTF-8 can hold: JSON's ``"\\ud800"`` escapes decode to a lone surrogate, which no
+    tokenizer or UTF-8 writer takes."""
+    if isinstance(v, str):
+        try:
+            v.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise ValueError(f"{what} holds a lone surrogate ({v[e.start]!a} at character {e.start + 1}), "
+                             f"which is not Unicode text") from None
+    return v
+
+
 def parse_line(raw: bytes, line: int, path: str, spec: InputSpec) -> Record | None:
     """One line -> a Record, None for a blank line; raises ValueError naming what is wrong."""
     try:
         s = raw.decode("utf-8")
     except UnicodeDecodeError as e:
         raise ValueError(f"not valid UTF-8 ({e.reason} at byte {e.start})") from None
+    if line == 1 and s.startswith("\ufeff"):  # a UTF-8 byte order mark is not part of the first record
+        s = s[1:]
     s = s.rstrip("\n").rstrip("\r")
     if not s.strip():
         return None
@@ -175,13 +208,15 @@ def _from_fields(get, has, line: int, path: str, spec: InputSpec) -> Record:
     text = get(spec.text_field)
     if not isinstance(text, str):
         raise ValueError(f"field {spec.text_field!r} must be a string, got {type(text).__name__}")
+    check_unicode(text, f"field {spec.text_field!r}")
     if spec.id_field is None:
         rid = f"{path}:{line}"
     else:
         if not has(spec.id_field) or get(spec.id_field) is None:
             raise ValueError(f"id field {spec.id_field!r} is missing")
-        rid = _check_id(get(spec.id_field), f"id field {spec.id_field!r}")
+        rid = check_unicode(_check_id(get(spec.id_field), f"id field {spec.id_field!r}"), f"id field {spec.id_field!r}")
     title = _check_title(get(spec.title_field)) if spec.title_field and has(spec.title_field) else None
+    check_unicode(title, f"field {spec.title_field!r}")
     return Record(rid, text, title, line)
 
 
@@ -199,31 +234,47 @@ def iter_units(spec: InputSpec, select: Callable[[int, int], bool] = lambda f, k
 
 
 def _line_units(f: int, path: str, spec: InputSpec, select, base: int) -> Iterator[Unit]:
+    import gzip
+
     N = spec.unit_size
-    with _epath(path).open("rb") as fh:
+    with _epath(path).open("rb") as stored:
+        fh = gzip.GzipFile(fileobj=stored, mode="rb") if is_gzip(path) else stored
         k, line, pos = 0, 0, 0
         unit = None
-        for raw in fh:
-            line += 1
-            pos += len(raw)
-            if unit is None:
-                unit = Unit(f, k, path, line, line, select(f, k))
-            unit.last_line = line
-            if unit.selected:
-                try:
-                    rec = parse_line(raw, line, path, spec)
-                except ValueError as e:
-                    unit.bad.append(BadRecord(line, str(e)))
-                else:
-                    if rec is None:
-                        unit.blank += 1
+        h = None
+        try:
+            for raw in fh:
+                line += 1
+                pos = stored.tell() if fh is not stored else pos + len(raw)
+                if unit is None:
+                    unit = Unit(f, k, path, line, line, select(f, k))
+                    h = fingerprint() if unit.selected else None
+                unit.last_line = line
+                if h is not None:
+                    h.update(raw)
+                    unit.sha256 = h.hexdigest() if line % N == 0 else None
+                if unit.selected:
+                    try:
+                        rec = parse_line(raw, line, path, spec)
+                    except ValueError as e:
+                        unit.bad.append(BadRecord(line, str(e)))
                     else:
-                        unit.records.append(rec)
-            if line % N == 0:
-                unit.bytes_done = base + pos
-                yield unit
-                unit, k = None, k + 1
+                        if rec is None:
+                            unit.blank += 1
+                        else:
+                            unit.records.append(rec)
+                if line % N == 0:
+                    unit.bytes_done = base + pos
+                    yield unit
+                    unit, k = None, k + 1
+        except (OSError, EOFError) as e:  # gzip.BadGzipFile is an OSError
+            if fh is stored:
+                raise
+            raise InputError(f"input {path}: not a readable gzip file ({e}); check the file, or drop the .gz "
+                             f"suffix if it is not compressed") from None
         if unit is not None:
+            if h is not None:
+                unit.sha256 = h.hexdigest()
             unit.bytes_done = base + pos
             yield unit
 
@@ -250,12 +301,14 @@ def _parquet_units(f: int, path: str, spec: InputSpec, select, base: int, size: 
             while start < n:
                 if row % N == 0:
                     unit = Unit(f, k, path, row + 1, row + 1, select(f, k))
+                    h = fingerprint() if unit.selected else None
                 take = min(n - start, N - row % N)
                 if unit.selected:
                     if cols is None:
                         cols = {c: rb.column(c).to_pylist() for c in set(wanted)}
                     for j in range(start, start + take):
                         line = row + 1 + (j - start)
+                        h.update(_row_bytes(cols, j))
                         try:
                             unit.records.append(_from_fields(lambda c: cols[c][j], lambda c: c in cols, line, path, spec))
                         except ValueError as e:
@@ -264,10 +317,11 @@ def _parquet_units(f: int, path: str, spec: InputSpec, select, base: int, size: 
                 start += take
                 unit.last_line = row
                 if row % N == 0 or row == pf.metadata.num_rows:
+                    unit.sha256 = h.hexdigest() if h is not None else None
                     unit.bytes_done = base + int(size * row / total)
                     yield unit
                     k += 1
 
 
-__all__ = ["FORMATS", "InputSpec", "Record", "BadRecord", "Unit", "InputError", "BadRecordError", "iter_units",
+__all__ = ["FORMATS", "check_unicode", "fingerprint", "is_gzip", "InputSpec", "Record", "BadRecord", "Unit", "InputError", "BadRecordError", "iter_units",
            "infer_format", "input_sizes", "expand_inputs", "unit_name", "parse_line"]

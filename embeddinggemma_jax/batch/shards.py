@@ -4,9 +4,15 @@
 ``DIR/shards/NAME.ids.jsonl`` one JSON id per line, same order
 ``DIR/shards/NAME.json``      metadata: unit, line range, counts, bad records, sha256 of both files
 
-Each file goes to a temporary name and is renamed into place; the metadata is written last, so
-a shard counts as done only when its metadata exists and both checksums match. A kill at any
-point leaves either a done shard or one that the next run redoes.
+On a local (or mounted) disk each file goes to a temporary name and is renamed into place. On an
+object store (``gs://``) each object is uploaded under its final name: an upload is atomic there (an
+object appears whole or not at all) and a rename is a copy plus a delete (gcsfs first tries the
+``moveTo`` API), so renaming would cost two more requests per file and buy nothing. Either way the
+metadata is written last, so a shard counts as done only when its metadata exists and both checksums
+match. A kill at any point leaves either a done shard or one that the next run redoes.
+
+The metadata also holds ``input_sha256``, the fingerprint of the input unit the shard was made from
+(``readers.fingerprint``): a rerun redoes a shard whose input changed, and ``verify`` reports it.
 """
 
 from __future__ import annotations
@@ -14,7 +20,6 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import uuid
 
 import numpy as np
 
@@ -23,26 +28,26 @@ TMP_PREFIX = ".tmp-"
 
 
 def epath(p):
-    from etils import epath as _ep
+    from embeddinggemma_jax.storage import epath as _ep
 
-    return _ep.Path(p)
+    return _ep(p)
 
 
 def is_local(path) -> bool:
-    return "://" not in str(path)
+    from embeddinggemma_jax.storage import is_object_store
+
+    return not is_object_store(path)
 
 
 def write_atomic(path, data: bytes) -> None:
-    """Temporary name in the same folder, then rename (fsync'd on local disks)."""
+    """Local: a temporary name in the same folder, fsync'd, then renamed. Object store: one upload under
+    the final name (atomic per object there; see the module docstring)."""
     if is_local(path):
         from embeddinggemma_jax.io_utils import atomic_write_bytes
 
         atomic_write_bytes(str(path), data)
         return
-    path = epath(path)
-    tmp = path.parent / f"{TMP_PREFIX}{path.name}-{uuid.uuid4().hex[:8]}"
-    tmp.write_bytes(data)
-    tmp.replace(path)
+    epath(path).write_bytes(data)
 
 
 def sha256(data: bytes) -> str:

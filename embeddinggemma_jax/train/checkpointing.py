@@ -14,10 +14,25 @@ import orbax.checkpoint as ocp
 
 
 class TrainCheckpoints:
-    def __init__(self, directory: str | Path, keep: int = 3):
-        self.directory = Path(directory).absolute()
-        opts = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True)
-        self.manager = ocp.CheckpointManager(self.directory, options=opts, item_names=("state", "meta"))
+    def __init__(self, directory, keep: int = 3):
+        import os
+
+        from embeddinggemma_jax.storage import EMULATOR, epath, is_object_store
+
+        remote = is_object_store(directory)
+        # gs://: Orbax writes there itself (TensorStore's GCS driver for the arrays). A step is written in place
+        # and committed by commit_success.txt: a step a kill left uncommitted is removed when the manager starts.
+        self.directory = epath(directory) if remote else Path(directory).absolute()
+        opts = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, cleanup_tmp_directories=remote)
+        handlers = None
+        if remote and os.environ.get(EMULATOR):
+            # OCDBT (Orbax's default array layout) commits its manifest by conditional writes (if-generation-match
+            # on the generation read back); the GCS emulator sends no object generations and ignores preconditions,
+            # so TensorStore fails "Malformed StorageGeneration" once a save commits twice. Against the emulator the
+            # arrays are written one zarr array per leaf instead (restore reads either layout).
+            handlers = {"state": ocp.StandardCheckpointHandler(use_ocdbt=False), "meta": ocp.JsonCheckpointHandler()}
+        self.manager = ocp.CheckpointManager(self.directory, options=opts, item_names=("state", "meta"),
+                                             item_handlers=handlers)
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()

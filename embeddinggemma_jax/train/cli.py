@@ -38,15 +38,16 @@ def run_config(args) -> RunConfig:
 
 
 def cmd_train(args) -> int:
+    from embeddinggemma_jax.io_utils import stdout_for_one_document
     from embeddinggemma_jax.train.run import Run
 
-    run = Run(run_config(args))
-    try:
-        summary = run.fit(say=lambda s: print(s, file=sys.stderr))
-    finally:
-        run.close()
-    json.dump(summary, sys.stdout, default=str)
-    sys.stdout.write("\n")
+    with stdout_for_one_document() as document:  # stdout: the JSON summary alone (Gloo prints to fd 1)
+        run = Run(run_config(args))
+        try:
+            summary = run.fit(say=lambda s: print(s, file=sys.stderr))
+        finally:
+            run.close()
+        document.append(json.dumps(summary, default=str))
     return 0
 
 

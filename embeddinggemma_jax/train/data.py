@@ -1,4 +1,4 @@
-"""Training pairs from JSONL: streamed, shuffled with a seed, resumable at any position.
+"""Training pairs from JSONL (or parquet): streamed, shuffled with a seed, resumable at any position.
 
 One record per line: ``{"query": ..., "positive": ..., "negative": ...}`` (the negative is optional,
 field names configurable). The query and document prompts are applied exactly as at inference
@@ -82,9 +82,10 @@ class PairFile:
     """
 
     def __init__(self, path: str | Path, fields: Fields = Fields()):
-        from etils import epath
+        import hashlib
 
         from embeddinggemma_jax.batch.readers import expand_inputs
+        from embeddinggemma_jax.storage import epath
 
         self.fields = fields
         self.path = str(path)
@@ -94,19 +95,36 @@ class PairFile:
             raise FileNotFoundError(f"pair files {self.path} match nothing; pass JSONL files with one "
                                     f'{{"{fields.query}": ..., "{fields.positive}": ...}} object per line') from e
         offsets, lines, files, with_negative = [], [], [], []
+        self._columns: dict[int, dict[str, list]] = {}  # parquet files: their pair columns, read whole
+        digest = hashlib.sha256()
         for k, p in enumerate(self.paths):
-            if not epath.Path(p).is_file():
+            if epath(p).is_dir():
+                raise IsADirectoryError(f"pair file {p} is a folder; pass the JSONL (or parquet) files inside it "
+                                        "(a glob works: 'FOLDER/*.jsonl')")
+            if not epath(p).is_file():
                 raise FileNotFoundError(f"pair file {p} does not exist; pass a JSONL file with one "
                                         f'{{"{fields.query}": ..., "{fields.positive}": ...}} object per line')
-            with epath.Path(p).open("rb") as f:
-                pos = 0
-                for number, line in enumerate(f, 1):
-                    if line.strip():
-                        with_negative.append(self.parse(line, number, p)[2] is not None)
-                        offsets.append(pos)
-                        lines.append(number)
-                        files.append(k)
-                    pos += len(line)
+            h = hashlib.sha256()
+            if is_parquet(p):
+                self._columns[k] = cols = self._read_parquet(p, h)
+                for row in range(len(next(iter(cols.values())))):
+                    with_negative.append(self.check({c: v[row] for c, v in cols.items()}, f"{p} row {row + 1}", True)[2]
+                                         is not None)
+                    offsets.append(row)
+                    lines.append(row + 1)
+                    files.append(k)
+            else:
+                with epath(p).open("rb") as f:
+                    pos = 0
+                    for number, line in enumerate(f, 1):
+                        h.update(line)
+                        if line.strip():
+                            with_negative.append(self.parse(line, number, p)[2] is not None)
+                            offsets.append(pos)
+                            lines.append(number)
+                            files.append(k)
+                        pos += len(line)
+            digest.update(h.digest())
         if not offsets:
             raise ValueError(f"pair file {self.path} has no records")
         if any(with_negative) and not all(with_negative):
@@ -119,18 +137,46 @@ class PairFile:
         self.offsets = np.asarray(offsets, np.int64)
         self.lines = np.asarray(lines, np.int64)
         self.files = np.asarray(files, np.int32)
+        self.sha256 = digest.hexdigest()  # the pair files' bytes, in order: a resumed run checks it
         self._f: dict[int, object] = {}
 
     def __len__(self) -> int:
         return len(self.offsets)
 
+    def _read_parquet(self, p: str, h) -> dict[str, list]:
+        """The query/positive/negative columns of a parquet pair file (``h`` is fed the file's bytes)."""
+        import io
+
+        import pyarrow.parquet as pq
+
+        from embeddinggemma_jax.storage import epath
+
+        data = epath(p).read_bytes()
+        h.update(data)
+        pf = pq.ParquetFile(io.BytesIO(data))
+        names = set(pf.schema_arrow.names)
+        f = self.fields
+        missing = [c for c in (f.query, f.positive) if c not in names]
+        if missing:
+            raise ValueError(f"{p} has no column {missing[0]!r} (columns: {', '.join(sorted(names))}); name the "
+                             f"fields with --query-field/--positive-field/--negative-field")
+        wanted = [c for c in (f.query, f.positive, f.negative) if c and c in names]
+        table = pf.read(columns=wanted)
+        return {c: table.column(c).to_pylist() for c in wanted}
+
     def parse(self, line: bytes, number: int, path: str) -> tuple[str, str, str | None]:
         where = f"{path} line {number}"
-        obj = parse_json(line, where, expect=dict, hint="write one JSON object per line")
+        return self.check(parse_json(line, where, expect=dict, hint="write one JSON object per line"), where)
+
+    def check(self, obj: dict, where: str, null_is_missing: bool = False) -> tuple[str, str, str | None]:
+        """(query, positive, negative or None) of one record, each field checked to be a string of Unicode
+        text (a JSON escape such as "\\ud800" is a lone surrogate, which the tokenizer cannot take)."""
+        from embeddinggemma_jax.batch.readers import check_unicode
+
         f = self.fields
         out = []
         for name, required in ((f.query, True), (f.positive, True), (f.negative, False)):
-            if name is None or (not required and name not in obj):
+            if name is None or (not required and (name not in obj or (null_is_missing and obj[name] is None))):
                 out.append(None)
                 continue
             if name not in obj:
@@ -138,21 +184,32 @@ class PairFile:
                                  f"name the fields with --query-field/--positive-field/--negative-field")
             if not isinstance(obj[name], str):
                 raise ValueError(f"{where}: field {name!r} is {type(obj[name]).__name__}, not a string")
+            try:
+                check_unicode(obj[name], f"field {name!r}")
+            except ValueError as e:
+                raise ValueError(f"{where}: {e}; fix the record") from None
             out.append(obj[name])
         return out[0], out[1], out[2]
 
     def record(self, i: int) -> tuple[str, str, str | None]:
-        from etils import epath
+        from embeddinggemma_jax.storage import epath
 
         k = int(self.files[i])
+        if k in self._columns:
+            cols, row = self._columns[k], int(self.offsets[i])
+            return self.check({c: v[row] for c, v in cols.items()}, f"{self.paths[k]} row {row + 1}", True)
         if k not in self._f:  # opened on first use: a host opens only the files its rows are in
-            self._f[k] = epath.Path(self.paths[k]).open("rb")
+            self._f[k] = epath(self.paths[k]).open("rb")
         f = self._f[k]
         f.seek(int(self.offsets[i]))
         return self.parse(f.readline(), int(self.lines[i]), self.paths[k])
 
     def all_records(self) -> list[tuple[str, str, str | None]]:
         return [self.record(i) for i in range(len(self))]
+
+
+def is_parquet(path: str) -> bool:
+    return str(path).lower().endswith((".parquet", ".pq"))
 
 
 def epoch_order(n: int, seed: int, epoch: int) -> np.ndarray:
@@ -209,6 +266,13 @@ class BatchEncoder:
         self.query_prefix = prompts[query_prompt] if query_prompt else ""
         self.doc_prefix = prompts[document_prompt] if document_prompt else ""
         self.max_length = min(max_length, tokenizer.max_length)
+        for what, name, prefix in (("query", query_prompt, self.query_prefix),
+                                   ("document", document_prompt, self.doc_prefix)):
+            n = len(tokenizer.encode([prefix], truncate=False)[0])  # <bos>, the prompt, <eos>
+            if self.max_length <= n:
+                raise ValueError(f"--max-length {max_length} leaves no token for the text: the {what} prompt "
+                                 f"{name!r} ({prefix!r}) is {n} tokens with <bos> and <eos>, so every {what} would "
+                                 f"be cut inside it; pass --max-length above {n} (e.g. 256)")
         self.buckets = buckets_for(self.max_length, buckets)
 
     def ids(self, texts: list[str], prefix: str) -> list[list[int]]:

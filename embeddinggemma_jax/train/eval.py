@@ -78,28 +78,77 @@ def format_metrics(m: dict) -> str:
 
 
 class MetricsLog:
-    """Append-only JSONL: one object per logged step or evaluation (flushed per line)."""
+    """Append-only JSONL: one object per logged step or evaluation.
 
-    def __init__(self, path: str | Path, enabled: bool = True):
+    Local: flushed per line. Object store (``gs://``): an object cannot be appended to (and GCS allows
+    about one update per second of one object), so the lines are kept in memory and the whole object is
+    uploaded at ``flush`` (the run flushes at every checkpoint and at the end); the lines after the last
+    checkpoint, which a kill loses, are the ones a resumed run writes again.
+    """
+
+    def __init__(self, path, enabled: bool = True):
         """``enabled=False`` (every process but the first of a multi-host run): writes nothing."""
-        self.path, self.enabled = Path(path), enabled
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        from embeddinggemma_jax.storage import epath, is_object_store
 
-    def truncate_after(self, step: int) -> None:
-        """Drop records of steps after ``step`` (written by a run that died before its next checkpoint)."""
+        self.path, self.enabled = epath(path), enabled
+        self.remote = is_object_store(path)
+        self._text: str | None = None  # object store: the whole file
+        if enabled and not self.remote:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+
+    def _read(self) -> str:
+        if self._text is None:
+            self._text = self.path.read_text(encoding="utf-8") if self.path.is_file() else ""
+        return self._text
+
+    def size(self) -> int:
+        """Bytes written so far: a checkpoint records it, so a resume knows which lines are its own."""
+        if not self.enabled:
+            return 0
+        if self.remote:
+            return len(self._read().encode("utf-8"))
+        return self.path.stat().length if self.path.is_file() else 0
+
+    def truncate_after(self, step: int, size: int | None = None) -> None:
+        """Drop the records of steps after ``step`` that this run wrote after its checkpoint: those past byte
+        ``size`` (the file's size when the checkpoint was saved). Lines before it, a user's own included,
+        are kept whatever their step; ``size`` None (a checkpoint from before it was recorded): every line."""
         from embeddinggemma_jax.io_utils import atomic_write_bytes
 
         if not self.enabled or not self.path.is_file():
             return
-        lines = self.path.read_text(encoding="utf-8").splitlines()
-        kept = [x for x in lines if x.strip() and json.loads(x).get("step", 0) <= step]
-        if len(kept) != len(lines):
-            atomic_write_bytes(self.path, "".join(x + "\n" for x in kept).encode())
+        data = self._read().encode("utf-8") if self.remote else self.path.read_bytes()
+        cut = min(size or 0, len(data))
+        head, tail = data[:cut], data[cut:].decode("utf-8").splitlines()
+        kept = [x for x in tail if x.strip() and _step_of(x) <= step]
+        if len(kept) != len(tail):
+            text = head + "".join(x + "\n" for x in kept).encode("utf-8")
+            if self.remote:
+                self._text = text.decode("utf-8")
+                self.flush()
+            else:
+                atomic_write_bytes(self.path, text)
 
     def write(self, **record) -> None:
         if not self.enabled:
             return
         record.setdefault("time", time.time())
+        line = json.dumps(record) + "\n"
+        if self.remote:
+            self._text = self._read() + line
+            return
         with open(self.path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(record) + "\n")
+            f.write(line)
             f.flush()
+
+    def flush(self) -> None:
+        """Object store: upload the whole file (one atomic object write); local: nothing to do."""
+        if self.enabled and self.remote and self._text is not None:
+            self.path.write_bytes(self._text.encode("utf-8"))
+
+
+def _step_of(line: str) -> int:
+    try:
+        return int(json.loads(line).get("step", 0))
+    except (ValueError, AttributeError, TypeError):
+        return 0

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +24,7 @@ from embeddinggemma_jax.distributed import Distributed, allgather_ints, barrier,
 from embeddinggemma_jax.hub import DEFAULT_MODEL
 from embeddinggemma_jax.io_utils import check_local_folder
 from embeddinggemma_jax.options import differences, flat_dict, ints, option
+from embeddinggemma_jax.storage import epath, is_object_store
 from embeddinggemma_jax.train import step as st
 from embeddinggemma_jax.train.checkpointing import TrainCheckpoints
 from embeddinggemma_jax.train.data import BatchEncoder, Fields, PairFile, PairStream, Position
@@ -34,9 +36,9 @@ from embeddinggemma_jax.train.losses import check_matryoshka
 class RunConfig:
     """A training run; every field is a ``train`` flag and a ``--config`` key (``options``)."""
 
-    train_file: str = option(None, "JSONL training pairs (query, positive[, negative]): a file, a glob or gs:// paths",
-                             required=True)
-    output_dir: str = option(None, "run folder: checkpoints/, metrics.jsonl, final/", required=True)
+    train_file: str = option(None, "JSONL (or parquet) training pairs (query, positive[, negative]): a file, a glob "
+                                   "or gs:// paths", required=True)
+    output_dir: str = option(None, "run folder, local or gs://: checkpoints/, metrics.jsonl, final/", required=True)
     model: str = option(DEFAULT_MODEL, "base model folder or hub id")
     train: st.TrainConfig = field(default_factory=st.TrainConfig)
     batch_size: int = option(16, "pairs per global batch, over all devices and hosts (the contrastive batch)")
@@ -65,7 +67,6 @@ class RunConfig:
         for name in ("train_file", "output_dir"):
             if not getattr(self, name):
                 raise ValueError(f"--{name.replace('_', '-')} is required (on the command line or in --config)")
-        check_local_folder(self.output_dir, "--output-dir")  # checkpoints, metrics.jsonl, final/
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -91,11 +92,35 @@ def load_base(model: str, cfg: st.TrainConfig) -> tuple[Base, nnx.Module]:
     return Base(m.source, m.encoder_config, m.head_config, m.tokenizer, m.hf_config), m.module
 
 
-def _save_final(base, state: nnx.State, out_dir, dtype: str) -> Path:
+def _save_final(base, state: nnx.State, out_dir, dtype: str):
+    """The exported folder; on an object store it is written in a local staging folder and uploaded,
+    its marker file last (``storage.upload_folder``)."""
+    import tempfile
+
     from embeddinggemma_jax.export import save_folder
 
-    return save_folder(out_dir, state, base.encoder_config, base.head_config, base.tokenizer.path.parent,
-                       dtype=dtype, hf_config=base.hf_config)
+    def save(folder):
+        return save_folder(folder, state, base.encoder_config, base.head_config, base.tokenizer.path.parent,
+                           dtype=dtype, hf_config=base.hf_config)
+
+    if not is_object_store(out_dir):
+        return save(out_dir)
+    from embeddinggemma_jax.export import MARKER_FILE
+    from embeddinggemma_jax.storage import upload_folder
+
+    with tempfile.TemporaryDirectory(prefix="embeddinggemma-final-") as tmp:
+        save(Path(tmp) / "final")
+        return upload_folder(Path(tmp) / "final", out_dir, last=MARKER_FILE)
+
+
+def _is_exported(folder) -> bool:
+    """``export.is_exported_folder`` for a local or object-store folder."""
+    from embeddinggemma_jax.export import MARKER_FILE, WRITER
+
+    try:
+        return WRITER in (json.loads((folder / MARKER_FILE).read_text()).get("__version__") or {})
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 class Run:
@@ -119,10 +144,11 @@ class Run:
         buckets = (rc.max_length,) if rc.pad_to_max_length else TRAIN_LENGTH_BUCKETS
         self.encoder = BatchEncoder(tok, self.head.prompts, rc.max_length, buckets,
                                     rc.query_prompt, rc.document_prompt)
-        self.out = Path(rc.output_dir)
+        self.out = epath(rc.output_dir)  # local or gs:// (storage.py)
         self.ckpt = TrainCheckpoints(self.out / "checkpoints", keep=rc.keep)
         self.log = MetricsLog(self.out / "metrics.jsonl", enabled=is_primary())
         self.position = Position()
+        self.pairs: PairFile | None = None  # read (and validated) by fit or resume, before any step
         self._forward_jit = jax.jit(lambda p, ids, mask: self.t.module(p)(ids, mask), out_shardings=self.t.replicated)
         self.evaluator = None
         if rc.eval_file:
@@ -150,16 +176,38 @@ class Run:
         return {"position": self.position.to_dict(), "base_model": str(self.folder),
                 "train_config": self.rc.train.to_dict(), "batch_size": self.rc.batch_size,
                 "max_length": self.rc.max_length, "pad_to_max_length": self.rc.pad_to_max_length,
-                "train_file": str(self.rc.train_file)}
+                "train_file": str(self.rc.train_file), **self.run_settings(),
+                "metrics_bytes": self.log.size()}
+
+    def run_settings(self) -> dict:
+        """What a resume must find unchanged besides the train config (``resume``): the data (the pair
+        files and their fingerprint), the prompts as text and the field names."""
+        if self.pairs is None:
+            self.pairs = PairFile(self.rc.train_file, self.rc.fields)
+        pairs = self.pairs
+        return {"train_files": [p if is_object_store(p) else os.path.abspath(p) for p in pairs.paths],
+                "train_sha256": pairs.sha256,
+                "query_prompt": self.encoder.query_prefix, "document_prompt": self.encoder.doc_prefix,
+                "fields": dataclasses.asdict(self.rc.fields)}
 
     def resume(self) -> bool:
-        """Restore the latest checkpoint of ``output_dir`` if there is one."""
+        """Restore the latest checkpoint of ``output_dir`` if there is one; refuse, naming it, any setting
+        that would change the run: the train config (loss, lr, seed, ...), batch, lengths, base model, pair
+        files and their content, prompts, field names."""
         if self.ckpt.latest_step() is None:
             return False
         saved = self.ckpt.read_meta()
         keys = ("batch_size", "max_length", "pad_to_max_length")
         old = dict(flat_dict(st.TrainConfig.from_dict(saved["train_config"])), **{k: saved.get(k) for k in keys})
         mine = dict(flat_dict(self.rc.train), **{k: getattr(self.rc, k) for k in keys})
+        if "base_model" in saved:
+            old["model"], mine["model"] = saved["base_model"], str(self.folder)
+        for k, v in self.run_settings().items():
+            if k in saved:  # checkpoints written before a setting was recorded are not held to it
+                old[k], mine[k] = saved[k], v
+        if old.get("train_sha256") != mine.get("train_sha256") and old.get("train_files") == mine.get("train_files"):
+            old["train_sha256"] = f"{old['train_sha256'][:12]}... (the pair files' content changed since)"
+            mine["train_sha256"] = mine["train_sha256"][:12] + "..."
         diff = differences(json.loads(json.dumps(old)), json.loads(json.dumps(mine)))
         if diff:
             raise ValueError(f"{self.ckpt.directory} was written with other settings ({'; '.join(diff)}); resume "
@@ -167,8 +215,20 @@ class Run:
         abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), self.state)
         self.state, meta = self.ckpt.restore(abstract, self.shardings)
         self.position = Position.from_dict(meta["position"])
-        self.log.truncate_after(self.step)
+        self.log.truncate_after(self.step, meta.get("metrics_bytes"))
         return True
+
+    def check_final(self) -> None:
+        """Before the first step: an existing, non-empty ``final/`` that this package did not export is
+        refused now, not after the whole run."""
+        final = self.out / "final"
+        if not self.rc.export or not final.exists():
+            return
+        if not final.is_dir():
+            raise FileExistsError(f"{final} exists and is not a folder; move it away or pass --no-export")
+        if any(final.iterdir()) and not _is_exported(final):
+            raise FileExistsError(f"{final} exists and is not a model folder written by embeddinggemma-jax; the "
+                                  "run would fail to export at its end: move it away, or pass --no-export")
 
     def evaluate(self) -> dict | None:
         if self.evaluator is None:
@@ -180,8 +240,10 @@ class Run:
 
     def fit(self, say=print) -> dict:
         rc, cfg = self.rc, self.rc.train
+        self.check_final()
+        self.run_settings()  # reads and validates the pair files before any step
+        pairs = self.pairs
         resumed = self.resume()
-        pairs = PairFile(rc.train_file, rc.fields)
         stream = PairStream(pairs, rc.batch_size, cfg.seed, self.position)
         summary = {"resumed_from": self.step if resumed else None, "eval_before": None, "eval_after": None}
         if not resumed and self.evaluator is not None:
@@ -211,15 +273,18 @@ class Run:
             bar.update(1)
             if s % rc.save_every == 0 or s == cfg.total_steps:
                 self.ckpt.save(s, self.state, self.meta())
+                self.log.flush()
             if rc.eval_every and s % rc.eval_every == 0 and s < cfg.total_steps:
                 bar.write(f"eval @ step {s}: {format_metrics(self.evaluate())}")
         bar.close()
         self.ckpt.wait()
+        self.log.flush()
         summary["train_seconds"] = time.time() - t_start
         summary["steps_this_run"] = done_here
         if self.step >= cfg.total_steps:
             if self.evaluator is not None:
                 summary["eval_after"] = self.evaluate()
+                self.log.flush()
                 say(f"eval @ step {self.step}: {format_metrics(summary['eval_after'])}")
             if rc.export:
                 summary["exported"] = str(self.export(self.out / "final"))
@@ -228,7 +293,7 @@ class Run:
     def export(self, out_dir, dtype: str | None = None) -> Path:
         """Process 0 writes the folder (parameters gathered from every host first); the others wait."""
         params = jax.jit(lambda p: p, out_shardings=self.t.replicated)(self.state["params"])
-        out = Path(out_dir)
+        out = epath(out_dir) if is_object_store(out_dir) else Path(out_dir)
         if is_primary():
             out = _save_final(self.base, self.t.full_state(params), out_dir, dtype or self.rc.export_dtype)
         barrier("train-export")
