@@ -18,6 +18,7 @@ from typing import Callable, NamedTuple
 from conversion import convert, parity
 from embeddinggemma_jax import bench, tpu_compile
 from embeddinggemma_jax.batch import cli as batch_cli
+from embeddinggemma_jax.eval import cli as eval_cli
 from embeddinggemma_jax.hub import DEFAULT_MODEL
 from embeddinggemma_jax.serve import bench as serve_bench
 from embeddinggemma_jax.serve import cli as serve_cli
@@ -173,6 +174,8 @@ COMMANDS: tuple[Command, ...] = (
             train_cli.TRAIN_DESCRIPTION),
     Command("train-export", train_cli.EXPORT_HELP, train_cli.add_export_arguments, train_cli.cmd_export,
             "Export the parameters of a run's checkpoint (default: the latest)."),
+    Command("evaluate", eval_cli.EVALUATE_HELP, eval_cli.add_evaluate_arguments, eval_cli.cmd_evaluate,
+            eval_cli.EVALUATE_DESCRIPTION),
     Command("bench", bench.BENCH_HELP, bench.add_bench_arguments, bench.cmd_bench, bench.BENCH_DESCRIPTION),
     Command("serve", serve_cli.SERVE_HELP, serve_cli.add_serve_arguments, serve_cli.cmd_serve,
             serve_cli.SERVE_DESCRIPTION),
