@@ -5,7 +5,7 @@ Per mode (``embeddinggemma_jax.quant.MODES``) and fp32:
   edge inputs, several scripts, code, 258 / 513 / 2048 tokens and a truncated 4,000-token text);
 - retrieval on the standard-library docstring -> code evaluation of
   ``train_experiments/stdlib_docstrings.py`` (its held-out modules, 200 pairs, 128 tokens as there):
-  recall@1, MRR@10, nDCG@10 at 768 and 128 dimensions (``train.eval.retrieval_metrics``);
+  recall@1, MRR@10, nDCG@10 at 768 and 128 dimensions (``eval.retrieval.retrieval_metrics``);
 - parameter bytes (``quant.param_bytes``: int4 counted packed);
 - CPU tokens/s: a second, warm pass over the retrieval queries (every shape already compiled).
 
@@ -29,7 +29,7 @@ from conversion.parity import builtin_cases  # noqa: E402
 from embeddinggemma_jax import quant  # noqa: E402
 from embeddinggemma_jax.head import l2_normalize  # noqa: E402
 from embeddinggemma_jax.model import EmbeddingGemma  # noqa: E402
-from embeddinggemma_jax.train.eval import retrieval_metrics  # noqa: E402
+from embeddinggemma_jax.eval.retrieval import retrieval_metrics  # noqa: E402
 from embeddinggemma_jax.tokenize import TextTokenizer  # noqa: E402
 from train_experiments.stdlib_docstrings import build_pairs  # noqa: E402
 

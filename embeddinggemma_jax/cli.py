@@ -10,13 +10,13 @@ line on stderr and a non-zero exit, never a traceback.
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import sys
 from pathlib import Path
 from typing import NamedTuple
 
-import importlib
 
 from embeddinggemma_jax.hub import DEFAULT_MODEL
 from embeddinggemma_jax.version import __version__
@@ -177,6 +177,8 @@ COMMANDS: tuple[Command, ...] = (
     Command("train-export", "write a sentence-transformers folder from a training checkpoint",
             "embeddinggemma_jax.train.cli", "add_export_arguments", "cmd_export",
             "Export the parameters of a run's checkpoint (default: the latest)."),
+    Command("evaluate", "evaluate a model: STS Benchmark Spearman (sts) or retrieval metrics (retrieval)",
+            "embeddinggemma_jax.eval.cli", "add_evaluate_arguments", "cmd_evaluate", "EVALUATE_DESCRIPTION"),
     Command("bench", "benchmark this package against sentence-transformers, side by side", "embeddinggemma_jax.bench",
             "add_bench_arguments", "cmd_bench", "BENCH_DESCRIPTION"),
     Command("serve", "serve an OpenAI-compatible /v1/embeddings API (and TEI's /embed)", "embeddinggemma_jax.serve.cli",

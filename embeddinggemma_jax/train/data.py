@@ -29,10 +29,14 @@ class Fields:
     positive: str = option("positive", "JSONL field with the positive document", flag="--positive-field")
     negative: str | None = option("negative", "JSONL field with a hard negative; '' ignores negatives",
                                   flag="--negative-field")
+    score: str | None = option(None, "JSONL field with the pair's gold score, a number (--loss cosent)",
+                               flag="--score-field")
 
     def __post_init__(self):
         if self.negative == "":  # '' on the command line or in a config: ignore negatives even when present
             object.__setattr__(self, "negative", None)
+        if self.score == "":
+            object.__setattr__(self, "score", None)
 
 
 @dataclass
@@ -55,6 +59,7 @@ class TextBatch:
     queries: list[str]
     positives: list[str]
     negatives: list[str] | None  # one per query, or None
+    scores: list[float] | None = None  # one gold score per pair (--score-field), or None
 
 
 @dataclass
@@ -65,6 +70,7 @@ class TokenBatch:
     query_mask: np.ndarray
     doc_ids: np.ndarray  # [A, B * (1 + n_neg), Ld]: the B positives, then the B negatives
     doc_mask: np.ndarray
+    scores: np.ndarray | None = None  # [A, B] float32 gold scores (--loss cosent), or None
 
     def arrays(self) -> tuple[np.ndarray, ...]:
         return self.query_ids, self.query_mask, self.doc_ids, self.doc_mask
@@ -160,17 +166,20 @@ class PairFile:
         if missing:
             raise ValueError(f"{p} has no column {missing[0]!r} (columns: {', '.join(sorted(names))}); name the "
                              f"fields with --query-field/--positive-field/--negative-field")
-        wanted = [c for c in (f.query, f.positive, f.negative) if c and c in names]
+        wanted = [c for c in (f.query, f.positive, f.negative, f.score) if c and c in names]
         table = pf.read(columns=wanted)
         return {c: table.column(c).to_pylist() for c in wanted}
 
-    def parse(self, line: bytes, number: int, path: str) -> tuple[str, str, str | None]:
+    def parse(self, line: bytes, number: int, path: str) -> tuple[str, str, str | None, float | None]:
+        """(query, positive, negative or None, score or None)."""
         where = f"{path} line {number}"
         return self.check(parse_json(line, where, expect=dict, hint="write one JSON object per line"), where)
 
-    def check(self, obj: dict, where: str, null_is_missing: bool = False) -> tuple[str, str, str | None]:
-        """(query, positive, negative or None) of one record, each field checked to be a string of Unicode
-        text (a JSON escape such as "\\ud800" is a lone surrogate, which the tokenizer cannot take)."""
+    def check(self, obj: dict, where: str,
+              null_is_missing: bool = False) -> tuple[str, str, str | None, float | None]:
+        """(query, positive, negative or None, score or None) of one record, each text field checked to be a
+        string of Unicode text (a JSON escape such as "\\ud800" is a lone surrogate, which the tokenizer
+        cannot take)."""
         from embeddinggemma_jax.batch.readers import check_unicode
 
         f = self.fields
@@ -189,9 +198,20 @@ class PairFile:
             except ValueError as e:
                 raise ValueError(f"{where}: {e}; fix the record") from None
             out.append(obj[name])
-        return out[0], out[1], out[2]
+        score = None
+        if f.score is not None:
+            import math
 
-    def record(self, i: int) -> tuple[str, str, str | None]:
+            if f.score not in obj:
+                raise ValueError(f"{where} has no field {f.score!r} (fields: {', '.join(sorted(obj))}); give every "
+                                 "pair a score or name its field with --score-field")
+            score = obj[f.score]
+            if isinstance(score, bool) or not isinstance(score, (int, float)) or not math.isfinite(score):
+                raise ValueError(f"{where}: field {f.score!r} is {score!r}, not a finite number")
+            score = float(score)
+        return out[0], out[1], out[2], score
+
+    def record(self, i: int) -> tuple[str, str, str | None, float | None]:
         from embeddinggemma_jax.storage import epath
 
         k = int(self.files[i])
@@ -204,7 +224,7 @@ class PairFile:
         f.seek(int(self.offsets[i]))
         return self.parse(f.readline(), int(self.lines[i]), self.paths[k])
 
-    def all_records(self) -> list[tuple[str, str, str | None]]:
+    def all_records(self) -> list[tuple[str, str, str | None, float | None]]:
         return [self.record(i) for i in range(len(self))]
 
 
@@ -246,7 +266,8 @@ class PairStream:
         self.position = Position(p.epoch, p.index + self.batch_size)
         recs = [self.pairs.record(int(i)) for i in idx]
         negs = [r[2] for r in recs]  # all or none: PairFile checked
-        return TextBatch([r[0] for r in recs], [r[1] for r in recs], None if negs[0] is None else negs)
+        return TextBatch([r[0] for r in recs], [r[1] for r in recs], None if negs[0] is None else negs,
+                         None if self.pairs.fields.score is None else [r[3] for r in recs])
 
     def __iter__(self) -> Iterator[TextBatch]:
         while True:
@@ -301,4 +322,5 @@ class BatchEncoder:
             longest = agree(longest)
         qi, qm = self.pad(q, longest[0])
         di, dm = self.pad(d, longest[1])
-        return TokenBatch(qi, qm, di, dm)
+        scores = None if micro[0].scores is None else np.asarray([b.scores for b in micro], np.float32)
+        return TokenBatch(qi, qm, di, dm, scores)

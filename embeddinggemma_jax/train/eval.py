@@ -1,10 +1,5 @@
-"""Retrieval evaluation on held-out pairs: each query against the corpus of all distinct positives.
-
-Metrics per Matryoshka dimension (embeddings truncated to d, then re-normalised): recall@1,
-recall@10, MRR@10 and nDCG@10 (one relevant document per query, so the ideal DCG is 1). Ties
-count against the gold document (rank = number of documents scoring at least as high as it,
-itself included), so a constant model cannot score well.
-"""
+"""Evaluations during training: held-out pairs (retrieval) and STS files, embedded with the training
+forward; the metrics themselves live in ``embeddinggemma_jax.eval`` (one home for every metric)."""
 
 from __future__ import annotations
 
@@ -15,31 +10,14 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from embeddinggemma_jax.head import l2_normalize
-
-METRICS = ("recall@1", "recall@10", "mrr@10", "ndcg@10")
-
-
-def gold_ranks(q: np.ndarray, docs: np.ndarray, gold: np.ndarray) -> np.ndarray:
-    """1-based rank of each query's gold document; ties are broken against the gold document."""
-    scores = q @ docs.T  # [n, m]
-    g = scores[np.arange(len(q)), gold][:, None]
-    higher_or_equal = (scores >= g).sum(axis=1)  # includes the gold document itself
-    return higher_or_equal
-
-
-def metrics_from_ranks(ranks: np.ndarray) -> dict[str, float]:
-    top10 = ranks <= 10
-    return {"recall@1": float(np.mean(ranks == 1)),
-            "recall@10": float(np.mean(top10)),
-            "mrr@10": float(np.mean(np.where(top10, 1.0 / ranks, 0.0))),
-            "ndcg@10": float(np.mean(np.where(top10, 1.0 / np.log2(ranks + 1.0), 0.0)))}
-
-
-def retrieval_metrics(q_raw: np.ndarray, d_raw: np.ndarray, gold: np.ndarray, dims: Sequence[int]) -> dict:
-    """{dim: {metric: value}} from unnormalised query and document embeddings."""
-    return {int(d): metrics_from_ranks(gold_ranks(l2_normalize(q_raw[:, :d]), l2_normalize(d_raw[:, :d]), gold))
-            for d in dims}
+from embeddinggemma_jax.eval.retrieval import (  # noqa: F401 - re-exported for train callers
+    METRICS,
+    corpus_of,
+    format_metrics,
+    gold_ranks,
+    metrics_from_ranks,
+    retrieval_metrics,
+)
 
 
 class PairEvaluator:
@@ -47,25 +25,13 @@ class PairEvaluator:
 
     def __init__(self, records, encoder, dims: Sequence[int], batch_size: int = 32, max_pairs: int | None = None):
         records = list(records)[:max_pairs] if max_pairs else list(records)
-        self.queries = [r[0] for r in records]
-        corpus: dict[str, int] = {}
-        gold = []
-        for r in records:
-            gold.append(corpus.setdefault(r[1], len(corpus)))
-        self.docs = list(corpus)
-        self.gold = np.asarray(gold)
+        self.queries, self.docs, self.gold = corpus_of(records)
         self.encoder, self.dims, self.batch_size = encoder, tuple(dims), batch_size
         self.q_ids = encoder.ids(self.queries, encoder.query_prefix)
         self.d_ids = encoder.ids(self.docs, encoder.doc_prefix)
 
     def _embed(self, forward: Callable, ids) -> np.ndarray:
-        out = None
-        for b in self.encoder.planner(self.batch_size).batches(ids):
-            e = np.asarray(forward(b.ids, b.mask), np.float32)[:len(b.index)]
-            if out is None:
-                out = np.zeros((len(ids), e.shape[-1]), np.float32)
-            out[b.index] = e
-        return out
+        return embed_ids(self.encoder, forward, ids, self.batch_size)
 
     def evaluate(self, forward: Callable) -> dict:
         """``forward(ids, mask) -> [B, out]`` unnormalised; returns {dim: {metric: value}}."""
@@ -73,8 +39,16 @@ class PairEvaluator:
                                  self.dims)
 
 
-def format_metrics(m: dict) -> str:
-    return "  ".join(f"d={d}: " + " ".join(f"{k}={v:.3f}" for k, v in vals.items()) for d, vals in m.items())
+def embed_ids(encoder, forward: Callable, ids, batch_size: int) -> np.ndarray:
+    """Unnormalised [n, out] fp32 of token ids, in input order, through the batching engine's plan
+    (``encoder.planner``) and the training forward ``forward(ids, mask)``."""
+    out = None
+    for b in encoder.planner(batch_size).batches(ids):
+        e = np.asarray(forward(b.ids, b.mask), np.float32)[:len(b.index)]
+        if out is None:
+            out = np.zeros((len(ids), e.shape[-1]), np.float32)
+        out[b.index] = e
+    return out
 
 
 class MetricsLog:

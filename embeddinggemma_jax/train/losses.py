@@ -51,3 +51,24 @@ def matryoshka_loss(queries: jax.Array, docs: jax.Array, dims: Sequence[int], we
     for d, w in zip(dims, weights):
         total = total + w * multiple_negatives_ranking_loss(queries[:, :d], docs[:, :d], scale)
     return total
+
+
+def cosent_loss(a: jax.Array, b: jax.Array, labels: jax.Array, scale: float = 20.0) -> jax.Array:
+    """sentence-transformers' ``CoSENTLoss``: ``log(1 + sum exp(scale * (cos(k, l) - cos(i, j))))`` over the
+    pairs of pairs of the batch whose gold score has ``(i, j)`` above ``(k, l)``. ``a``, ``b`` [B, d]: the
+    two sentences of each pair; ``labels`` [B]: their gold scores (any scale: only the order counts)."""
+    s = jnp.sum(l2_normalize(a) * l2_normalize(b), axis=-1) * scale  # [B] scaled cosine
+    labels = labels.astype(jnp.float32)
+    diff = s[None, :] - s[:, None]  # [i, j] = s_j - s_i: pair i should score above pair j when label_i > label_j
+    above = labels[:, None] > labels[None, :]
+    terms = jnp.where(above, diff, -jnp.inf).reshape(-1)
+    return jax.nn.logsumexp(jnp.concatenate([jnp.zeros((1,), jnp.float32), terms]))
+
+
+def matryoshka_cosent_loss(a: jax.Array, b: jax.Array, labels: jax.Array, dims: Sequence[int],
+                           weights: Sequence[float], scale: float = 20.0) -> jax.Array:
+    """``MatryoshkaLoss(CoSENTLoss)``: the sum over dims of weight * CoSENT on the first ``d`` components."""
+    total = jnp.zeros((), jnp.float32)
+    for d, w in zip(dims, weights):
+        total = total + w * cosent_loss(a[:, :d], b[:, :d], labels, scale)
+    return total

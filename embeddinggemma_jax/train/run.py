@@ -72,6 +72,19 @@ class RunConfig:
         return dataclasses.asdict(self)
 
 
+def check_loss_input(cfg: st.TrainConfig, fields: Fields, pairs: PairFile) -> None:
+    """--loss cosent takes scored pairs (no negatives); mnrl takes no scores: one line otherwise."""
+    if cfg.loss == "cosent":
+        if fields.score is None:
+            raise ValueError("--loss cosent needs each pair's gold score: name its JSONL field with --score-field "
+                             "(evaluate sts-to-jsonl writes 'score')")
+        if pairs.record(0)[2] is not None:
+            raise ValueError(f"{pairs.path} has {fields.negative!r} negatives, which --loss cosent does not use; "
+                             "pass --negative-field ''")
+    elif fields.score is not None:
+        raise ValueError(f"--score-field {fields.score} is for --loss cosent; drop it or pass --loss cosent")
+
+
 @dataclass(frozen=True)
 class Base:
     """What a run keeps of its base model besides the parameters: enough to export a folder."""
@@ -243,6 +256,7 @@ class Run:
         self.check_final()
         self.run_settings()  # reads and validates the pair files before any step
         pairs = self.pairs
+        check_loss_input(cfg, rc.fields, pairs)
         resumed = self.resume()
         stream = PairStream(pairs, rc.batch_size, cfg.seed, self.position)
         summary = {"resumed_from": self.step if resumed else None, "eval_before": None, "eval_after": None}

@@ -27,6 +27,7 @@ from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
@@ -35,7 +36,7 @@ from embeddinggemma_jax import sharding as shd
 from embeddinggemma_jax.config import check_dtype
 from embeddinggemma_jax.distributed import place_state
 from embeddinggemma_jax.options import floats, ints, option
-from embeddinggemma_jax.train.losses import DEFAULT_MATRYOSHKA_DIMS, matryoshka_loss
+from embeddinggemma_jax.train.losses import DEFAULT_MATRYOSHKA_DIMS, matryoshka_cosent_loss, matryoshka_loss
 
 EMBEDDING_FILTER = nnx.PathContains("embed_tokens")
 
@@ -56,6 +57,9 @@ class TrainConfig:
     adam_eps: float = option(1e-8, "Adam epsilon")
     max_grad_norm: float | None = option(1.0, "global-norm gradient clipping; 0 disables")
     grad_accum: int = option(1, "global batches per optimiser step (each its own contrastive batch)")
+    loss: str = option("mnrl", "mnrl: in-batch negatives (MultipleNegativesRankingLoss); cosent: pairs with a gold "
+                               "score (CoSENTLoss, needs --score-field); both Matryoshka-wrapped",
+                       choices=["mnrl", "cosent"])
     cached_loss: bool = option(False, "GradCache: embed the batch in mini-batches without activations, so the "
                                       "contrastive batch can exceed what fits in memory")
     mini_batch_size: int | None = option(None, "rows (queries, and documents per query column) per forward pass "
@@ -79,6 +83,10 @@ class TrainConfig:
             raise ValueError(f"schedule {self.schedule!r} is unknown; use linear, cosine or constant")
         if self.grad_accum < 1:
             raise ValueError(f"grad_accum must be >= 1, got {self.grad_accum}")
+        if self.loss not in ("mnrl", "cosent"):
+            raise ValueError(f"loss {self.loss!r} is unknown; use mnrl or cosent")
+        if self.loss == "cosent" and self.cached_loss:
+            raise ValueError("--cached-loss works with --loss mnrl only; drop --cached-loss for --loss cosent")
         if self.cached_loss and (self.mini_batch_size is None or self.mini_batch_size < 1):
             raise ValueError("--cached-loss needs --mini-batch-size M (rows per forward pass, e.g. 32)")
         if self.total_steps < 1 or not 0 <= self.warmup_steps <= self.total_steps:
@@ -184,6 +192,11 @@ class Trainable:
             # documents: rows are column-major (positives, then each negative column): [A, C, rows, L]
             shape = x.shape[:-2] + (batch_size, x.shape[-1])
             out.append(jax.make_array_from_process_local_data(self.batch_sharding(shape), x, shape))
+        if getattr(batch, "scores", None) is not None:  # [A, rows] gold scores (--loss cosent)
+            shape = (A, batch_size)
+            spec = self.batch_sharding((A, batch_size, 1)).spec[:2]
+            out.append(jax.make_array_from_process_local_data(NamedSharding(self.mesh, PartitionSpec(*spec)),
+                                                              np.asarray(batch.scores, np.float32), shape))
         return out
 
 
@@ -253,9 +266,11 @@ def _embed(t: Trainable, cfg: TrainConfig, params, frozen, ids, mask, remat: boo
     return nnx.merge(t.graphdef, _with_params(t, params), frozen)(ids, mask, remat=remat)  # [rows, out] fp32
 
 
-def loss_fn(t: Trainable, cfg: TrainConfig, dims, weights, params, frozen, qi, qm, di, dm):
+def loss_fn(t: Trainable, cfg: TrainConfig, dims, weights, params, frozen, qi, qm, di, dm, scores=None):
     q = _embed(t, cfg, params, frozen, qi, qm, cfg.remat)  # [B, out] fp32
     d = _embed(t, cfg, params, frozen, di, dm, cfg.remat)  # [B * (1 + n), out]
+    if cfg.loss == "cosent":  # scores [B]: the gold score of pair (query i, document i)
+        return matryoshka_cosent_loss(q, d[:q.shape[0]], scores, dims, weights, cfg.scale)
     return matryoshka_loss(q, d, dims, weights, cfg.scale)
 
 
@@ -316,7 +331,8 @@ def _value_and_grad(t: Trainable, cfg: TrainConfig, dims, weights, frozen) -> Ca
         f = lambda p, *xs: cached_loss_and_grads(t, cfg, dims, weights, p, frozen, *xs)  # noqa: E731
     else:
         f = jax.value_and_grad(lambda p, *xs: loss_fn(t, cfg, dims, weights, p, frozen, *xs))
-    return lambda p, qi, qm, di, dm: f(p, qi, qm, di.reshape(-1, di.shape[-1]), dm.reshape(-1, dm.shape[-1]))
+    return lambda p, qi, qm, di, dm, *scores: f(p, qi, qm, di.reshape(-1, di.shape[-1]), dm.reshape(-1, dm.shape[-1]),
+                                                *scores)
 
 
 def _with_params(t: Trainable, params: dict) -> nnx.State:
@@ -334,7 +350,7 @@ def jitted_train_step(t: Trainable, cfg: TrainConfig, tx: optax.GradientTransfor
     ``Trainable.batch_sharding``)."""
     schedule = make_schedule(cfg)
 
-    def step(state, frozen, qi, qm, di, dm):
+    def step(state, frozen, qi, qm, di, dm, *scores):  # scores [A, B]: --loss cosent only
         grad_fn = _value_and_grad(t, cfg, dims, weights, frozen)
 
         def micro(acc, xs):
@@ -343,7 +359,7 @@ def jitted_train_step(t: Trainable, cfg: TrainConfig, tx: optax.GradientTransfor
 
         zeros = jax.tree.map(jnp.zeros_like, state["params"])
         with shd.use_rules(t.mesh, t.rules):
-            (loss, grads), _ = jax.lax.scan(micro, (jnp.zeros((), jnp.float32), zeros), (qi, qm, di, dm))
+            (loss, grads), _ = jax.lax.scan(micro, (jnp.zeros((), jnp.float32), zeros), (qi, qm, di, dm, *scores))
         A = qi.shape[0]
         loss, grads = loss / A, jax.tree.map(lambda g: g / A, grads)
         updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
