@@ -125,7 +125,13 @@ class EmbedOptions:
     simulate_hosts: int | None = option(None, "with --plan-only: plan as this many hosts would (default: the "
                                               "topology's hosts, else 1)")
 
+    profile_rounds: str | None = option(None, "A:B: trace computed rounds A..B with jax.profiler into OUTPUT/profile "
+                                              "(TensorBoard's profile plugin, XProf)", metavar="A:B")
+
     def __post_init__(self):
+        from embeddinggemma_jax.train.monitor import parse_window
+
+        parse_window(self.profile_rounds, "--profile-rounds")
         if self.prompt_name == "":
             object.__setattr__(self, "prompt_name", None)
         if self.inputs is not None and not isinstance(self.inputs, tuple):
@@ -521,6 +527,8 @@ def run_embed(o: EmbedOptions) -> dict:
     current round runs, and a writer thread writes finished shards (at most two pending)."""
     from concurrent.futures import ThreadPoolExecutor
 
+    import jax
+
     from embeddinggemma_jax.distributed import agree_error, allgather_ints
 
     ctx = setup(o)
@@ -534,6 +542,11 @@ def run_embed(o: EmbedOptions) -> dict:
     writer = ThreadPoolExecutor(1, thread_name_prefix="embed-write")
     writes: list = []
     ahead = reader.submit(read_ahead, ctx, mine)
+    from embeddinggemma_jax.train.monitor import ProfileWindow, parse_window
+
+    profile = ProfileWindow(parse_window(o.profile_rounds, "--profile-rounds"), f"{str(o.output).rstrip('/')}/profile",
+                            enabled=P == 1 or ctx.process_index == 0)
+    computed = 0  # rounds that ran the step, counted from 1 for --profile-rounds
     try:
         while True:
             nx = ahead.result() if ahead is not None else _Ahead(None, True, [])
@@ -556,7 +569,11 @@ def run_embed(o: EmbedOptions) -> dict:
             if P > 1 and allgather_ints([error is not None])[:, 0].any():
                 raise BadRecordError(agree_error(error))  # every host stops with the same message
             rnd = plan_round(ctx, u, not done, tokens or [])
-            raw = step(ctx, rnd, stats)
+            computed += 1
+            profile.before(computed)
+            with jax.profiler.StepTraceAnnotation("embed_round", step_num=computed):
+                raw = step(ctx, rnd, stats)
+            profile.after(computed, raw)
             if rnd.write:
                 writes.append(writer.submit(write, ctx, rnd, raw, stats))
                 while len(writes) > 2:
@@ -566,6 +583,7 @@ def run_embed(o: EmbedOptions) -> dict:
             progress.tick(u)
         for f in writes:
             f.result()
+        profile.stop()
     finally:
         progress.close()
         reader.shutdown(wait=True, cancel_futures=True)

@@ -30,6 +30,7 @@ from embeddinggemma_jax.train.checkpointing import TrainCheckpoints
 from embeddinggemma_jax.train.data import BatchEncoder, Fields, PairFile, PairStream, Position
 from embeddinggemma_jax.train.eval import MetricsLog, PairEvaluator, format_metrics
 from embeddinggemma_jax.train.losses import check_matryoshka
+from embeddinggemma_jax.train.monitor import Monitor, ProfileWindow, parse_window
 
 
 @dataclass(frozen=True)
@@ -61,12 +62,18 @@ class RunConfig:
     stop_after: int | None = option(None, "stop after N steps of this process, as if preempted (resume later)")
     deadline: float | None = option(None, "unix time after which no step starts (a time-boxed job slot); resumable")
     progress: bool = option(True, "show a progress bar")
+    tensorboard: bool = option(True, "write TensorBoard event files (every metrics.jsonl value) to OUTPUT/tb")
+    wandb: str | None = option(None, "also log to this Weights & Biases project (the wandb extra; "
+                                     "WANDB_MODE=offline works with no network)", metavar="PROJECT")
+    profile_steps: str | None = option(None, "A:B: trace steps A..B with jax.profiler into OUTPUT/tb/plugins/profile "
+                                             "(TensorBoard's profile plugin, XProf)", metavar="A:B")
     distributed: Distributed = field(default_factory=Distributed)
 
     def __post_init__(self):
         for name in ("train_file", "output_dir"):
             if not getattr(self, name):
                 raise ValueError(f"--{name.replace('_', '-')} is required (on the command line or in --config)")
+        parse_window(self.profile_steps, "--profile-steps")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -162,6 +169,7 @@ class Run:
         self.log = MetricsLog(self.out / "metrics.jsonl", enabled=is_primary())
         self.position = Position()
         self.pairs: PairFile | None = None  # read (and validated) by fit or resume, before any step
+        self.monitor = Monitor(rc.output_dir, enabled=False)  # fit() opens the writers once it knows the step
         self._forward_jit = jax.jit(lambda p, ids, mask: self.t.module(p)(ids, mask), out_shardings=self.t.replicated)
         self.evaluator = None
         if rc.eval_file:
@@ -249,6 +257,7 @@ class Run:
         t0 = time.time()
         m = self.evaluator.evaluate(lambda ids, mask: self._forward(self.state["params"], ids, mask))
         self.log.write(step=self.step, eval={str(k): v for k, v in m.items()}, eval_seconds=time.time() - t0)
+        self.monitor.scalars(self.step, {"eval": m, "eval_seconds": time.time() - t0})
         return m
 
     def fit(self, say=print) -> dict:
@@ -260,6 +269,11 @@ class Run:
         resumed = self.resume()
         stream = PairStream(pairs, rc.batch_size, cfg.seed, self.position)
         summary = {"resumed_from": self.step if resumed else None, "eval_before": None, "eval_after": None}
+        self.monitor = Monitor(rc.output_dir, rc.tensorboard, rc.wandb, config=json.loads(json.dumps(
+            rc.to_dict(), default=str)), resume_step=self.step + 1 if resumed else None, enabled=is_primary(),
+            say=say)
+        profile = ProfileWindow(parse_window(rc.profile_steps, "--profile-steps"),
+                                f"{rc.output_dir.rstrip('/')}/tb", enabled=is_primary())
         if not resumed and self.evaluator is not None:
             summary["eval_before"] = self.evaluate()
             say(f"eval @ step 0: {format_metrics(summary['eval_before'])}")
@@ -268,21 +282,31 @@ class Run:
         bar = tqdm(total=cfg.total_steps, initial=self.step, desc="train", disable=not rc.progress,
                    dynamic_ncols=True)
         done_here, t_start = 0, time.time()
+        t_log, logged_at = time.perf_counter(), self.step  # step time: wall time per step since the last log
         while self.step < cfg.total_steps:
             if rc.stop_after is not None and done_here >= rc.stop_after:
                 break
             if rc.deadline is not None and time.time() >= rc.deadline:
                 bar.write(f"deadline reached after step {self.step}; re-run to resume")
                 break
-            batch = self.encoder.encode([stream.next_batch(self.rows) for _ in range(cfg.grad_accum)],
-                                        agree=lambda n: list(allgather_ints(n).max(axis=0)))
-            self.state, metrics = self.step_fn(self.state, batch, rc.batch_size)
+            profile.before(self.step + 1)
+            with jax.profiler.StepTraceAnnotation("train", step_num=self.step + 1):
+                with jax.profiler.TraceAnnotation("data"):
+                    batch = self.encoder.encode([stream.next_batch(self.rows) for _ in range(cfg.grad_accum)],
+                                                agree=lambda n: list(allgather_ints(n).max(axis=0)))
+                with jax.profiler.TraceAnnotation("train_step"):
+                    self.state, metrics = self.step_fn(self.state, batch, rc.batch_size)
             self.position = stream.position
             done_here += 1
-            s = self.step
+            s = self.step  # waits for the step
+            profile.after(s, metrics)
             if s % rc.log_every == 0 or s == cfg.total_steps:
                 m = {k: float(v) for k, v in metrics.items()}
+                now = time.perf_counter()
+                m.update(_throughput((now - t_log) / max(s - logged_at, 1), batch, rc.batch_size))
+                t_log, logged_at = now, s
                 self.log.write(step=s, **m, epoch=self.position.epoch)
+                self.monitor.scalars(s, dict(m, epoch=self.position.epoch))
                 bar.set_postfix(loss=f"{m['loss']:.4f}")
             bar.update(1)
             if s % rc.save_every == 0 or s == cfg.total_steps:
@@ -291,6 +315,7 @@ class Run:
             if rc.eval_every and s % rc.eval_every == 0 and s < cfg.total_steps:
                 bar.write(f"eval @ step {s}: {format_metrics(self.evaluate())}")
         bar.close()
+        profile.stop(self.state)  # a window past the last step of this process
         self.ckpt.wait()
         self.log.flush()
         summary["train_seconds"] = time.time() - t_start
@@ -314,7 +339,19 @@ class Run:
         return out
 
     def close(self):
+        self.monitor.close()
         self.ckpt.close()
+
+
+def _throughput(step_seconds: float, batch, batch_size: int) -> dict:
+    """Per-step wall time (data, step and logging, averaged since the last log), pairs/s and tokens/s of the
+    global batch; tokens are the padded tokens the step computes (queries and documents of every
+    accumulated batch)."""
+    rows = batch.query_ids.shape[1]  # this process's rows; the global batch has batch_size
+    tokens = (batch.query_ids.size + batch.doc_ids.size) * batch_size // rows
+    pairs = batch_size * batch.query_ids.shape[0]
+    return {"step_seconds": step_seconds, "pairs_per_second": pairs / step_seconds,
+            "tokens_per_second": tokens / step_seconds}
 
 
 def export_checkpoint(output_dir: str | Path, out_dir: str | Path, step: int | None = None,

@@ -267,11 +267,14 @@ def _embed(t: Trainable, cfg: TrainConfig, params, frozen, ids, mask, remat: boo
 
 
 def loss_fn(t: Trainable, cfg: TrainConfig, dims, weights, params, frozen, qi, qm, di, dm, scores=None):
-    q = _embed(t, cfg, params, frozen, qi, qm, cfg.remat)  # [B, out] fp32
-    d = _embed(t, cfg, params, frozen, di, dm, cfg.remat)  # [B * (1 + n), out]
-    if cfg.loss == "cosent":  # scores [B]: the gold score of pair (query i, document i)
-        return matryoshka_cosent_loss(q, d[:q.shape[0]], scores, dims, weights, cfg.scale)
-    return matryoshka_loss(q, d, dims, weights, cfg.scale)
+    # Profile names (HLO op metadata only): "forward/...", and under value_and_grad the backward pass's
+    # ops are JAX's "transpose(jvp(forward))/...".
+    with jax.named_scope("forward"):
+        q = _embed(t, cfg, params, frozen, qi, qm, cfg.remat)  # [B, out] fp32
+        d = _embed(t, cfg, params, frozen, di, dm, cfg.remat)  # [B * (1 + n), out]
+        if cfg.loss == "cosent":  # scores [B]: the gold score of pair (query i, document i)
+            return matryoshka_cosent_loss(q, d[:q.shape[0]], scores, dims, weights, cfg.scale)
+        return matryoshka_loss(q, d, dims, weights, cfg.scale)
 
 
 def _chunks(x: jax.Array, n: int) -> jax.Array:
@@ -296,9 +299,11 @@ def cached_loss_and_grads(t: Trainable, cfg: TrainConfig, dims, weights, params,
             return None, _embed(t, cfg, jax.lax.stop_gradient(params), frozen, *xs, remat=False)
         return _unchunk(jax.lax.scan(body, None, (_chunks(ids, n), _chunks(mask, n)))[1])
 
-    q, d = embed_all(qi, qm), embed_all(di, dm)
-    loss, (gq, gd) = jax.value_and_grad(lambda a, b: matryoshka_loss(a, b, dims, weights, cfg.scale),
-                                        argnums=(0, 1))(q, d)
+    with jax.named_scope("cached_embed_pass"):
+        q, d = embed_all(qi, qm), embed_all(di, dm)
+    with jax.named_scope("cached_loss"):
+        loss, (gq, gd) = jax.value_and_grad(lambda a, b: matryoshka_loss(a, b, dims, weights, cfg.scale),
+                                            argnums=(0, 1))(q, d)
 
     def back(acc, xs):  # pass 2: each mini-batch again, its embeddings' gradient pulled back to the params
         ids, mask, g = xs
@@ -306,8 +311,9 @@ def cached_loss_and_grads(t: Trainable, cfg: TrainConfig, dims, weights, params,
         return jax.tree.map(jnp.add, acc, vjp(g)[0]), None
 
     grads = jax.tree.map(jnp.zeros_like, params)
-    for ids, mask, g in ((qi, qm, gq), (di, dm, gd)):
-        grads, _ = jax.lax.scan(back, grads, (_chunks(ids, n), _chunks(mask, n), _chunks(g, n)))
+    with jax.named_scope("cached_backward_pass"):
+        for ids, mask, g in ((qi, qm, gq), (di, dm, gd)):
+            grads, _ = jax.lax.scan(back, grads, (_chunks(ids, n), _chunks(mask, n), _chunks(g, n)))
     return loss, grads
 
 
@@ -362,8 +368,9 @@ def jitted_train_step(t: Trainable, cfg: TrainConfig, tx: optax.GradientTransfor
             (loss, grads), _ = jax.lax.scan(micro, (jnp.zeros((), jnp.float32), zeros), (qi, qm, di, dm, *scores))
         A = qi.shape[0]
         loss, grads = loss / A, jax.tree.map(lambda g: g / A, grads)
-        updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
-        params = optax.apply_updates(state["params"], updates)
+        with jax.named_scope("optimizer"):
+            updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+            params = optax.apply_updates(state["params"], updates)
         rng, _ = jax.random.split(state["rng"])
         new = {"params": params, "opt_state": opt_state, "step": state["step"] + 1, "rng": rng}
         metrics = {"loss": loss, "grad_norm": optax.global_norm(grads), "lr": schedule(state["step"])}
@@ -382,7 +389,9 @@ def make_train_step(t: Trainable, cfg: TrainConfig, tx: optax.GradientTransforma
         pairs (default: the rows given, i.e. one process)."""
         batch_size = batch_size or batch.query_ids.shape[1]
         check_batch(t, cfg, batch_size)
-        return jitted(state, t.frozen, *t.place_batch(batch, batch_size))
+        with jax.profiler.TraceAnnotation("place_batch"):
+            arrays = t.place_batch(batch, batch_size)
+        return jitted(state, t.frozen, *arrays)
 
     return run
 
