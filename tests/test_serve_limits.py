@@ -33,7 +33,8 @@ from embeddinggemma_jax.tokenize import TextTokenizer, TooManyCharacters  # noqa
 BOM_KEY = "sk-limits-key"
 LIMITS = ("--max-input-chars", "2000", "--max-request-chars", "20000", "--max-request-tokens", "1000",
           "--max-tokens-in-flight", "1000", "--max-requests-in-flight", "2", "--max-response-mb", "0.01",
-          "--header-timeout-s", "1", "--body-timeout-s", "2", "--max-inputs", "64", "--max-queue", "64", "--warmup", "none")
+          "--header-timeout-s", "1", "--body-timeout-s", "2", "--max-inputs", "64", "--max-queue", "64", "--warmup", "none",
+          "--max-connections", "8")
 
 
 # ----------------------------------------------------------------------------- tokenising a bounded prefix
@@ -281,6 +282,21 @@ def test_header_and_body_read_timeouts(limited):
         assert answer.startswith(b"HTTP/1.1 408"), answer
         assert b"--body-timeout-s 2" in answer
     assert "no complete request headers within 1 s" in s.log()
+
+
+def test_connection_cap(limited):
+    s = limited
+    idle = [socket.create_connection(("127.0.0.1", s.port)) for _ in range(8)]  # silent: closed after 1 s
+    try:
+        with httpx.Client(base_url=s.url, timeout=30) as fresh:
+            assert fresh.get("/health").status_code == 503
+    finally:
+        for c in idle:
+            c.close()
+    deadline = time.monotonic() + 30
+    while s.http.get("/health").status_code != 200:
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
 
 
 # ----------------------------------------------------------------------------- the drain deadline
