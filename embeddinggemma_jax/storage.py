@@ -21,6 +21,7 @@ copy + delete, so writers put each object under its final name instead of renami
 from __future__ import annotations
 
 import os
+import sys
 
 EMULATOR = "STORAGE_EMULATOR_HOST"
 
@@ -33,6 +34,16 @@ def prepare_object_store() -> None:
     os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
     os.environ.setdefault("TENSORSTORE_GCS_HTTP_URL", url.rstrip("/"))
     os.environ.setdefault("GOOGLE_AUTH_TOKEN_FOR_TESTING", "storage-emulator")
+    gcsfs = sys.modules.get("gcsfs")
+    if gcsfs is not None and os.environ["GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT"].lower() in ("false", "0"):
+        # gcsfs read the variable when it was imported (before this call): register its plain file system
+        from gcsfs.core import GCSFileSystem
+
+        if gcsfs.GCSFileSystem is not GCSFileSystem:
+            import fsspec
+
+            for protocol in ("gs", "gcs"):
+                fsspec.register_implementation(protocol, GCSFileSystem, clobber=True)
 
 
 def is_object_store(path) -> bool:

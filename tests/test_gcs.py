@@ -16,10 +16,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from test_batch_job import FAST_ARGS, cli, output_files, slow_step_cli, write_corpus
+from embeddinggemma_jax.batch.job import EmbedOptions, run_embed, verify
+from test_batch_job import FAST, FAST_ARGS, cli, output_files, slow_step_cli, write_corpus
 
-import gcp_storage_emulator  # noqa: F401  the test extra installs both: never a silent skip
-import gcsfs  # noqa: F401
+import gcp_storage_emulator  # noqa: F401  the test extra installs it (and gcsfs): never a silent skip
 
 ROOT = Path(__file__).resolve().parents[1]
 BUCKET = "test"
@@ -101,9 +101,9 @@ def test_embed_to_gs_killed_resumed_equals_local_and_verifies(tiny_folder, emula
     corpus = write_corpus(tmp_path / "c.jsonl", n=64, seed=11, bad_lines=(9,))
     args = ["--model", tiny_folder, "--input", corpus, "--id-field", "id", "--on-bad-record", "skip", *FAST_ARGS]
     e = env(emulator, cache)
-    local = tmp_path / "local"
-    r = subprocess.run(cli("embed", *args, "--output", local), env=e, capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr[-3000:]
+    local = tmp_path / "local"  # the reference, in this process (the options FAST_ARGS gives)
+    run_embed(EmbedOptions(model=str(tiny_folder), inputs=[str(corpus)], output=str(local), id_field="id",
+                           on_bad_record="skip", **FAST))
     expected = output_files(local)
 
     url = f"gs://{BUCKET}/emb"
@@ -129,8 +129,7 @@ def test_embed_to_gs_killed_resumed_equals_local_and_verifies(tiny_folder, emula
     assert time.perf_counter() - t0 < 120
     assert bucket_files(url) == expected
 
-    v = subprocess.run(cli("verify", url, "--input", corpus), env=e, capture_output=True, text=True, timeout=120)
-    assert v.returncode == 0 and "63 records" in v.stdout, v.stderr
+    assert verify(url, [str(corpus)])["records"] == 63
     epath(f"{url}/shards/00000-0000002.ids.jsonl").write_bytes(b'"doc-1"\n')
     v = subprocess.run(cli("verify", url), env=e, capture_output=True, text=True, timeout=120)
     assert v.returncode == 1 and "00000-0000002.ids.jsonl does not match its checksum" in v.stderr, v.stderr
@@ -158,8 +157,7 @@ def test_embed_to_gs_killed_resumed_equals_local_and_verifies(tiny_folder, emula
     same = [k for k in expected if k.endswith((".npy", ".ids.jsonl"))]
     assert sorted(got) == sorted(expected) and len(same) == 2 * 4
     assert {k: got[k] for k in same} == {k: expected[k] for k in same}
-    v = subprocess.run(cli("verify", two, "--input", remote_corpus), env=e, capture_output=True, text=True, timeout=120)
-    assert v.returncode == 0, v.stderr
+    assert verify(two, [remote_corpus])["records"] == 63
 
 
 def _train_args(tiny_folder, train, out, *extra):

@@ -708,7 +708,8 @@ def _read_manifest(mp, out_dir: str) -> tuple[dict, dict]:
         bad = [k for k in ("inputs", "format", "text_field", "id_field", "title_field", "unit_size", "dimensions")
                if k not in opt]
         bad += [k for k in ("records", "bad_records") if not isinstance(manifest["counts"].get(k), int)]
-        bad += ["shards"] if not all(isinstance(s, dict) and {"name", "sha256"} <= set(s) for s in manifest["shards"]) else []
+        if not all(isinstance(s, dict) and {"name", "sha256"} <= set(s) for s in manifest["shards"]):
+            bad.append("shards")
     if bad:
         raise VerifyError(f"{out_dir}/{MANIFEST} lacks or mangles {', '.join(bad)}; {hint}")
     return manifest, opt
@@ -744,7 +745,8 @@ def verify(out_dir: str, inputs: Sequence[str] | None = None, check_values: bool
             continue
         if name not in listed or listed[name]["sha256"] != meta["sha256"]:
             problems.append(f"shard {name} is not in the manifest as written")
-        if meta.get("input_sha256") != u.sha256:
+        fingerprinted = "input_sha256" in meta or manifest.get("format_version", 1) >= 2  # format 1 had none
+        if fingerprinted and meta.get("input_sha256") != u.sha256:
             problems.append(f"shard {name}: {u.path} lines {u.first_line}-{u.last_line} changed since the shard was "
                             f"written (input fingerprint differs); rerun the embed command to redo it")
             continue

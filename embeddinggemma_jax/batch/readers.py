@@ -323,5 +323,6 @@ def _parquet_units(f: int, path: str, spec: InputSpec, select, base: int, size: 
                     k += 1
 
 
-__all__ = ["FORMATS", "check_unicode", "fingerprint", "is_gzip", "InputSpec", "Record", "BadRecord", "Unit", "InputError", "BadRecordError", "iter_units",
+__all__ = ["FORMATS", "check_unicode", "fingerprint", "is_gzip",
+           "InputSpec", "Record", "BadRecord", "Unit", "InputError", "BadRecordError", "iter_units",
            "infer_format", "input_sizes", "expand_inputs", "unit_name", "parse_line"]
