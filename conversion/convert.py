@@ -37,7 +37,9 @@ def convert(name_or_path: str | os.PathLike, out_dir: str | os.PathLike, param_d
 
 
 def export(checkpoint_dir: str | os.PathLike, out_dir: str | os.PathLike, dtype: str = "float32") -> Path:
-    """An Orbax checkpoint -> a complete sentence-transformers folder."""
+    """An Orbax checkpoint -> a complete sentence-transformers folder. A quantized checkpoint
+    (``convert --quantize``) is written dequantized (``quant.dequantize_module``: float tensors
+    holding the values of its integers and scales)."""
     from flax import nnx
 
     from embeddinggemma_jax import checkpoint
@@ -51,8 +53,13 @@ def export(checkpoint_dir: str | os.PathLike, out_dir: str | os.PathLike, dtype:
         raise ValueError(f"--output {out_dir} is the checkpoint itself; choose a new folder")
     enc, head, hf_config = checkpoint.read_checkpoint_configs(checkpoint_dir)
     # fp32 restore is exact for fp32 and bf16 checkpoints alike; save_folder casts to ``dtype``.
-    _, abstract = nnx.split(abstract_module(enc, head, "float32", "float32"))
+    mode = checkpoint.read_marker(checkpoint_dir).get("quantize")
+    graphdef, abstract = nnx.split(abstract_module(enc, head, "float32", "float32", quantize=mode))
     state = checkpoint.restore_state(checkpoint_dir, abstract)
+    if mode is not None:
+        from embeddinggemma_jax.quant import dequantize_module
+
+        _, state = nnx.split(dequantize_module(nnx.merge(graphdef, state)))
     return save_folder(out_dir, state, enc, head, checkpoint_dir / checkpoint.ASSETS_DIR, dtype=dtype,
                        hf_config=hf_config)
 
@@ -68,9 +75,13 @@ def cmd_convert(args) -> int:
 
 def cmd_export(args) -> int:
     t0 = time.perf_counter()
+    from embeddinggemma_jax import checkpoint
+
     out = export(args.checkpoint, args.output, dtype=args.dtype)
-    print(f"wrote sentence-transformers folder {out} from {args.checkpoint} ({args.dtype}, "
-          f"{time.perf_counter() - t0:.1f} s)")
+    mode = checkpoint.read_marker(Path(args.checkpoint)).get("quantize")
+    print(f"wrote sentence-transformers folder {out} from {args.checkpoint} ({args.dtype}"
+          + (f", dequantized from {mode}: float tensors with the quantization error, at float size" if mode else "")
+          + f", {time.perf_counter() - t0:.1f} s)")
     return 0
 
 

@@ -72,10 +72,16 @@ class EmbeddingGemma:
 
     def save_pretrained(self, out_dir: str | os.PathLike, dtype: str = "float32") -> Path:
         """Write a sentence-transformers folder that ``SentenceTransformer(out_dir)`` loads. A non-empty
-        ``out_dir`` is refused unless this package wrote it."""
+        ``out_dir`` is refused unless this package wrote it. A quantized model is written dequantized:
+        float tensors holding the values its integers and scales stand for (sentence-transformers has
+        no int4/int8 layout), so the folder reproduces this model's quantization error in float, at
+        the float model's size (docs/quantization.md)."""
         from embeddinggemma_jax.export import save_folder
 
-        return save_folder(out_dir, self.state, self.encoder_config, self.head_config, self.tokenizer.path.parent,
+        state = self.state
+        if self.quantize is not None:
+            _, state = nnx.split(quant.dequantize_module(self.module))
+        return save_folder(out_dir, state, self.encoder_config, self.head_config, self.tokenizer.path.parent,
                            dtype=dtype, hf_config=self.hf_config)
 
     def save_checkpoint(self, out_dir: str | os.PathLike) -> Path:
@@ -116,17 +122,20 @@ class EmbeddingGemma:
                               f"(or None), or convert the float model again with --quantize {quantize}")
         if (quantize or stored) and mesh is not None:
             raise ConfigError("quantized models load on one device only; drop mesh= or quantize=")
-        graphdef, state = nnx.split(abstract_module(enc, head, dtype, param_dtype, quantize=stored))
+        # Quantized here: the integers are rounded from the fp32 weights, not from weights already
+        # rounded to a bf16 param_dtype (a second rounding that cost int8 cosine in bf16; docs/quantization.md).
+        load_dtype = "float32" if quantize and stored is None else param_dtype
+        graphdef, state = nnx.split(abstract_module(enc, head, dtype, load_dtype, quantize=stored))
         rules = rules or sharding.DATA_PARALLEL_RULES
         if checkpoint.is_checkpoint(folder):
             shardings = None if mesh is None else sharding.state_shardings(state, mesh, rules)
             state = checkpoint.restore_state(folder, state, shardings)
         else:
             shardings = None if mesh is None else sharding.param_shardings(state, mesh, rules)
-            state = load_state(folder, state, enc, param_dtype, shardings)
+            state = load_state(folder, state, enc, load_dtype, shardings)
         module = nnx.merge(graphdef, state)
         if quantize and stored is None:
-            module = quant.quantize_module(module, quantize)
+            module = quant.cast_float_params(quant.quantize_module(module, quantize), param_dtype)
         model = cls(module, enc, head, tok, dtype=dtype, source=folder, quantize=quantize or stored, **kw)
         model.hf_config = hf_config
         return model

@@ -9,17 +9,23 @@ model surgery (which parameter becomes a ``QuantizedWeight``, its sharding names
 is this module's; Qwix's ``quantize_model`` interception is not used because the model's matmuls
 already go through one function (``layers.weight_matmul``).
 
-Modes (``MODES``; parameter kinds: the embedding table, attention q/k/v/o, the MLP, the Dense head):
-- ``int8-weights``: int8 weights in blocks of 32 everywhere (the card's Q8_0 analogue). Per output
-  channel int8 is not enough here: on the real weights it reaches min cosine 0.9974 to fp32 on the
-  builtin parity texts, blocks of 32 reach 0.999;
+Modes (``MODES``; parameter kinds: the embedding table, attention q/k/v/o, the MLP, the Dense head;
+each choice measured on the real weights: ``benchmarks/quant_recipes.py``, docs/quantization.md):
+- ``int8-weights``: int8 weights in blocks of 16 everywhere. Per output channel int8 reaches min
+  cosine 0.9974 to fp32 on the builtin parity texts, blocks of 32 (Q8_0) 0.99909 in fp32 compute but
+  0.99895 in bf16 (int8's and bf16's errors add up); blocks of 16 reach 0.99927 / 0.99920;
 - ``int8``: int8 weights per output channel and int8 activations, dynamic per token (the max over
   the contraction axes of each token's input), multiplied as int8 x int8 -> int32 (the v5e MXU path)
   in every attention and MLP projection; the Dense head (one pooled vector per text) has int8
   weights and an fp32 input (``PER_TOKEN_KINDS``); the embedding table is int8 per row (a lookup);
-- ``mixed``: the card's ``e4_a8_f4_p4``: int4 per channel for the embedding table, the MLP
-  (feed-forward) and the Dense head projections, int8 per channel for attention; weights only;
-- ``int4-weights``: int4 weights in blocks of 32 everywhere (the card's Q4_0 analogue).
+- ``int4-weights``: int4 in blocks of 32 for the embedding table (201M of the 308M parameters),
+  int8 in blocks of 32 for attention, the MLP and the Dense head. int4 anywhere else costs far more
+  cosine than it saves bytes: alone, the MLP at int4 (blocks of 32) drops the min cosine to 0.89,
+  attention to 0.90, the Dense head to 0.98, the embedding table only to 0.994 (the old all-int4
+  recipe, Q4_0-like: 0.80);
+- ``mixed``: int4 in blocks of 32 for the embedding table, int8 per output channel for attention,
+  the MLP and the Dense head (one scale per channel: the layout an int8 matmul can use). The card's
+  ``e4_a8_f4_p4`` (MLP and head at int4 per channel too) reaches only 0.78 here with absmax rounding.
 
 In weight-only modes the weight is dequantized in fp32 and cast to the compute dtype just before its
 matmul; nothing else changes: norms, softmax, pooling, the residual stream and the final
@@ -52,12 +58,13 @@ class Spec:
 
 
 _B8, _C8, _B4, _C4 = Spec(8, 32), Spec(8, None), Spec(4, 32), Spec(4, None)
+_B8_16 = Spec(8, 16)
 # mode -> (spec per parameter kind, int8 activations?)
 MODES: dict[str, tuple[dict[str, Spec], bool]] = {
-    "int8-weights": ({"embed": _B8, "attn": _B8, "mlp": _B8, "head": _B8}, False),
+    "int8-weights": ({"embed": _B8_16, "attn": _B8_16, "mlp": _B8_16, "head": _B8_16}, False),
     "int8": ({"embed": _C8, "attn": _C8, "mlp": _C8, "head": _C8}, True),
-    "mixed": ({"embed": _C4, "attn": _C8, "mlp": _C4, "head": _C4}, False),
-    "int4-weights": ({"embed": _B4, "attn": _B4, "mlp": _B4, "head": _B4}, False),
+    "mixed": ({"embed": _B4, "attn": _C8, "mlp": _C8, "head": _C8}, False),
+    "int4-weights": ({"embed": _B4, "attn": _B8, "mlp": _B8, "head": _B8}, False),
 }
 MODE_NAMES = tuple(MODES)
 # With int8 activations, the matmuls whose input is quantized: the per-token ones (attention, MLP).
@@ -137,6 +144,57 @@ def quantize_array(w: jax.Array, axes: tuple[int, ...], spec: Spec) -> tuple[jax
                        channelwise_axes=[i for i in range(w.ndim) if i != a], tiled_axes={a: spec.block})
     q = jax.lax.slice_in_dim(qa.qvalue, 0, w.shape[a], axis=a)
     return q, qa.scale.reshape(qa.scale.shape[:a + 1] + (1,) + qa.scale.shape[a + 1:])
+
+
+def _group_scale(w32: np.ndarray, qmax: int) -> np.ndarray:
+    """The absmax scale of a group (rows of ``w32``, fp32) per output column, formed as ``quantize_array``
+    forms it through XLA: ``max|w| * (1 / (qmax + 0.5))`` in fp32, 1 where below sqrt(fp32 tiny)."""
+    s = np.abs(w32).max(axis=0) * np.float32(1 / (qmax + 0.5))
+    return np.where(s >= np.sqrt(np.finfo(np.float32).tiny), s, np.float32(1)).astype(np.float32)
+
+
+def gptq_array(w, axes: tuple[int, ...], spec: Spec, hessian: np.ndarray, damp: float = 0.01):
+    """GPTQ (Frantar et al. 2022): ``w`` -> (integer values, fp32 scales) in ``quantize_array``'s layout,
+    the integers chosen one input row at a time, each row's rounding error spread over the rows not
+    yet quantized through the inverse of ``hessian`` (the calibration inputs' X^T X over the flattened
+    contraction axes, which must lead ``w``'s axes). A group's scale is the absmax scale of its
+    (already error-corrected) rows when its first row is reached; per channel, of the original
+    weight. ``damp`` x the mean diagonal is added to the Hessian's diagonal. float64, numpy; rows in
+    order, no lazy batching (the reference arithmetic: ``tests/test_quant.py`` repeats it)."""
+    w = np.asarray(w, np.float32)
+    if tuple(axes) != tuple(range(len(axes))):
+        raise ValueError(f"GPTQ needs the contraction axes first, got {axes} for shape {w.shape}")
+    dims = w.shape[:len(axes)]
+    n_in, n = int(np.prod(dims)), dims[-1]
+    out_shape = w.shape[len(axes):]
+    W = w.reshape(n_in, -1).astype(np.float64)
+    H = np.array(hessian, np.float64)
+    dead = np.diag(H) == 0
+    H[dead, dead] = 1.0
+    W[dead] = 0.0
+    H[np.diag_indices(n_in)] += damp * np.mean(np.diag(H))
+    U = np.linalg.cholesky(np.linalg.inv(H)).T  # upper: H^-1 = U^T U
+    qmax = spec.qmax
+    block = spec.block or n
+    nb = -(-n // block)
+    Q = np.zeros(W.shape, np.int64)
+    S = np.zeros((n_in // n * nb, W.shape[1]), np.float32)
+    scale = _group_scale(W.astype(np.float32), qmax) if spec.block is None else None
+    for r in range(n_in):
+        if spec.block is not None and r % n % block == 0:
+            g = r // n * nb + r % n // block
+            end = min(r + block, r - r % n + n)
+            scale = S[g] = _group_scale(W[r:end].astype(np.float32), qmax)
+        q = np.clip(np.round(W[r].astype(np.float32) * (np.float32(1) / scale)), -qmax - 1, qmax)
+        Q[r] = q
+        err = (W[r] - q * scale.astype(np.float64)) / U[r, r]
+        W[r + 1:] -= np.outer(U[r, r + 1:], err)
+    q = jnp.asarray(Q.reshape(w.shape), _int_dtype(spec.bits))
+    if spec.block is None:
+        s = scale.reshape((1,) * len(axes) + out_shape)
+    else:
+        s = S.reshape(dims[:-1] + (nb, 1) + out_shape)
+    return q, jnp.asarray(s)
 
 
 def dequantize_array(q: jax.Array, scale: jax.Array, axes: tuple[int, ...], block: int | None) -> jax.Array:
@@ -226,11 +284,40 @@ def quantize_module(module, mode: str):
         var = getattr(parent, path[-1])
         layered = "layers" in path
         offset = 1 if layered else 0
-        spec = specs[kind]
+        spec = specs.get(kind)
+        if spec is None:  # a kind the recipe leaves in float
+            continue
         q, scale = quantize_array(var[...], tuple(a + offset for a in axes), spec)
         act_bits = 8 if act and kind in PER_TOKEN_KINDS else None
         names = var.get_metadata().get("out_sharding")
         setattr(parent, path[-1], QuantizedWeight(q, scale, axes, spec.block, spec.bits, act_bits, layered, names))
+    return module
+
+
+def dequantize_module(module):
+    """Put a float ``nnx.Param`` (fp32: the values ``q * scale`` stand for, exactly) back in place of
+    every ``QuantizedWeight`` of an ``EmbeddingGemmaModule`` (in place; returns the module): the
+    float layout ``weights.to_hf_tensors`` and the float checkpoints read. Only the quantization
+    error remains; the original float weights are not recovered."""
+    for path, _, _ in TARGETS:
+        parent = _get(module, path[:-1])
+        qw = getattr(parent, path[-1])
+        if not isinstance(qw, QuantizedWeight):
+            continue
+        off = 1 if qw.layered else 0
+        w = dequantize_array(qw.q[...], qw.scale[...], tuple(a + off for a in qw.axes), qw.block)
+        names = qw.q.get_metadata().get("out_sharding")
+        setattr(parent, path[-1], nnx.Param(w, sharding_names=names, eager_sharding=False) if names
+                else nnx.Param(w))
+    return module
+
+
+def cast_float_params(module, dtype):
+    """Cast the float parameters left beside the ``QuantizedWeight``s (the norms) to ``dtype`` (in place)."""
+    inner = {id(v) for _, m in nnx.iter_graph(module) if isinstance(m, QuantizedWeight) for v in (m.q, m.scale)}
+    for _, v in nnx.iter_graph(module):
+        if isinstance(v, nnx.Param) and id(v) not in inner and jnp.issubdtype(v.dtype, jnp.floating):
+            v.set_value(v.get_value().astype(dtype))
     return module
 
 
@@ -248,5 +335,6 @@ def param_bytes(module) -> int:
     return total
 
 
-__all__ = ["MODES", "MODE_NAMES", "QuantizedWeight", "Spec", "check_mode", "dequantize_array", "param_bytes",
+__all__ = ["MODES", "MODE_NAMES", "QuantizedWeight", "Spec", "check_mode", "dequantize_array", "dequantize_module",
+           "param_bytes",
            "quantize_activation", "quantize_array", "quantize_module"]

@@ -260,7 +260,8 @@ def setup(o: EmbedOptions) -> JobContext:
 
     t_start = time.perf_counter()
     if o.quantize in ("mixed", "int4-weights"):  # XLA rejects the int4 arrays' layout in the pre-compiled steps
-        raise JobError(f"--quantize {o.quantize} holds int4 weights, which the sharded embed job cannot run yet; "
+        raise JobError(f"--quantize {o.quantize} holds int4 weights, which XLA cannot lay out in the embed job's "
+                       "pre-compiled sharded steps (an XLA limit on int4 arrays); "
                        "use --quantize int8-weights or int8 here (encode and serve take every mode)")
     model = EmbeddingGemma.from_pretrained(o.model, dtype=dtype, quantize=o.quantize)
     dims = check_dimensions(o.dimensions, model.dimensions)

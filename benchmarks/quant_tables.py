@@ -1,0 +1,93 @@
+"""The tables of docs/quantization.md, generated from the checked-in results.
+
+- QUANT_MODES: each mode's recipe (``quant.MODES``) and parameter bytes for the real model's config
+  (``quant.param_bytes`` of the abstract module: int4 counted packed, scales included);
+- QUANT_TRIED: every recipe ``benchmarks/quant_recipes.py`` measured (benchmarks/quant_recipes.json),
+  with its min / mean cosine to the fp32 model and its worst text;
+- QUANT_BF16: the int8 modes in bf16 compute (benchmarks/quant_bf16.py -> benchmarks/quant_bf16.json).
+
+    PYTHONPATH=. python benchmarks/quant_tables.py [--check]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from embeddinggemma_jax import quant  # noqa: E402
+from embeddinggemma_jax.io_utils import atomic_write_bytes  # noqa: E402
+from tpu_tables import replace_block  # noqa: E402
+
+DOC = ROOT / "docs" / "quantization.md"
+KINDS = ("embed", "attn", "mlp", "head")
+
+
+def spec_text(spec) -> str:
+    if spec is None:
+        return "float"
+    return f"int{spec.bits} " + (f"b{spec.block}" if spec.block else "per channel")
+
+
+def modes_table() -> str:
+    from embeddinggemma_jax.head import abstract_module
+    from embeddinggemma_jax.hub import DEFAULT_MODEL, resolve
+    from embeddinggemma_jax.weights import read_folder_configs
+
+    enc, head = read_folder_configs(resolve(DEFAULT_MODEL))
+    fp = quant.param_bytes(abstract_module(enc, head))
+    lines = ["| mode | embedding table | attention | MLP | Dense head | activations | parameter bytes |",
+             "|---|---|---|---|---|---|---|", f"| (float32) | float | float | float | float | float | {fp:,} (1.00) |"]
+    for mode, (specs, act) in quant.MODES.items():
+        b = quant.param_bytes(abstract_module(enc, head, quantize=mode))
+        lines.append(f"| `{mode}` | " + " | ".join(spec_text(specs.get(k)) for k in KINDS)
+                     + f" | {'int8 per token (attention, MLP)' if act else 'float'} | {b:,} ({b / fp:.2f}) |")
+    return "\n".join(lines)
+
+
+def tried_table(data: dict) -> str:
+    lines = []
+    for key, block in data.items():
+        n = len(block["cases"])
+        lines += [f"Texts: {key} ({n} texts{', builtin parity cases + the long parity-set texts' if 'long' in key else ', builtin parity cases'}).",
+                  "", "| recipe | what | parameter bytes | min cosine | mean cosine | worst text |", "|---|---|---|---|---|---|"]
+        for name, r in block["recipes"].items():
+            lines.append(f"| {name} | {r['description']} | {r['param_bytes']:,} | {r['min_cosine']:.5f} | "
+                         f"{r['mean_cosine']:.5f} | {r['worst_case']} |")
+        lines.append("")
+    return "\n".join(lines).rstrip()
+
+
+def bf16_table(data: dict) -> str:
+    lines = ["| variant (bf16 compute) | min cosine | mean cosine | worst text |", "|---|---|---|---|"]
+    for name, r in data.get("variants", {}).items():
+        lines.append(f"| {name} | {r['min_cosine']:.5f} | {r['mean_cosine']:.5f} | {r['worst_case']} |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--check", action="store_true", help="exit 1 if docs/quantization.md is not what the files give")
+    a = ap.parse_args(argv)
+
+    def load(name):
+        p = ROOT / "benchmarks" / name
+        return json.loads(p.read_text()) if p.exists() else {}
+
+    text = DOC.read_text(encoding="utf-8")
+    new = replace_block(text, "QUANT_MODES", modes_table())
+    new = replace_block(new, "QUANT_TRIED", tried_table(load("quant_recipes.json")))
+    new = replace_block(new, "QUANT_BF16", bf16_table(load("quant_bf16.json")))
+    if new != text and not a.check:
+        atomic_write_bytes(DOC, new.encode("utf-8"))
+    print(("stale: " if a.check and new != text else "ok: ") + str(DOC.relative_to(ROOT)))
+    return 1 if a.check and new != text else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
