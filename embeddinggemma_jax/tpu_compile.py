@@ -452,7 +452,8 @@ def compile_job(topology: str, buckets=None, model: str | None = None, num_slice
 
 
 # Settings of a tpu/train config that ``tpu-compile --train`` can override (declared in RunConfig/TrainConfig).
-TRAIN_OVERRIDES = ("batch_size", "cached_loss", "mini_batch_size", "fsdp", "mesh", "grad_accum")
+TRAIN_OVERRIDES = ("batch_size", "cached_loss", "mini_batch_size", "fsdp", "mesh", "grad_accum", "remat",
+                   "remat_policy")
 
 
 def compile_train(config: str, model: str | None = None, num_slices: int = 1, log=print,
@@ -501,7 +502,8 @@ def compile_train(config: str, model: str | None = None, num_slices: int = 1, lo
         if used is None:
             raise
     row = {"length": L, "rows_per_chip": 2 * A * B // (chips * num_slices), "attention": "xla",
-           "tokens_per_chip": tokens, "remat": cfg.remat, "rules": "fsdp" if cfg.fsdp else "data_parallel",
+           "tokens_per_chip": tokens, "remat": cfg.remat,
+           "remat_policy": cfg.remat_policy if cfg.remat else None, "rules": "fsdp" if cfg.fsdp else "data_parallel",
            "batch_size": B, "grad_accum": A, "cached_loss": cfg.cached_loss,
            "mini_batch_size": cfg.mini_batch_size if cfg.cached_loss else None}
     if exe is None:  # the compiler's own count of what it would need; no program, so no projection
