@@ -2,6 +2,8 @@
 op list of an optimised HLO (``tpu-compile --train CONFIG --hlo DIR``) grouped by pass and by kind of op.
 
     python benchmarks/train_mfu_breakdown.py tpu/compiled/train-v5litepod-8.json [--hlo DIR/L256.hlo.txt] [--json OUT]
+    python benchmarks/train_mfu_breakdown.py tpu/compiled/train-v5litepod-16.json \
+        --compare tpu/compiled/train-search/v5litepod-16-remat-dots.json
 
 Passes come from the op metadata the train step's ``jax.named_scope``s leave (``cached_embed_pass``,
 ``cached_loss``, ``cached_backward_pass``, ``forward``, ``optimizer``); inside a backward pass, ops that JAX
@@ -103,13 +105,39 @@ def markdown(summary: dict, ops: dict | None) -> str:
     return "\n".join(lines)
 
 
+def compare(paths: list[str]) -> str:
+    """A before/after table of several train results (docs/training-tpu.md)."""
+    lines = ["| result | compiled FLOPs / forward | s at peak FLOPs | s at HBM bandwidth | projected step (s) "
+             "| projected MFU | HBM/chip |", "|---|---:|---:|---:|---:|---:|---:|"]
+    for path in paths:
+        d = model_summary(_load(path))
+        lines.append(f"| `{path}` (remat {d['remat_policy']}) | {d['compiled_over_forward']:.2f} | "
+                     f"{d['seconds_at_peak_flops']:.2f} | {d['seconds_at_hbm_bandwidth']:.2f} | "
+                     f"{d['projected_seconds']:.2f} | {100 * d['projected_mfu']:.1f}% | {100 * d['hbm_fraction']:.0f}% |")
+    return "\n".join(lines)
+
+
+def _load(path) -> dict:
+    result = json.loads(Path(path).read_text())
+    if "buckets" not in result:  # a probe of tpu/compiled/train-search (one row with its slice's fields)
+        from embeddinggemma_jax.tpu_compile import V5E_HBM_BANDWIDTH, V5E_PEAK_FLOPS
+
+        result = {"config": result["config"], "chips": result["chips"], "peak_flops": V5E_PEAK_FLOPS,
+                  "hbm_bandwidth": V5E_HBM_BANDWIDTH, "buckets": [result]}
+    return result
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("result", help="a tpu-compile --train --json result")
     p.add_argument("--hlo", help="its optimised HLO (tpu-compile --hlo DIR: DIR/L<length>.hlo.txt)")
     p.add_argument("--json", help="write the summary and the op breakdown here")
+    p.add_argument("--compare", nargs="+", metavar="RESULT", help="print a before/after table of RESULT and these")
     a = p.parse_args(argv)
-    result = json.loads(Path(a.result).read_text())
+    if a.compare:
+        print(compare([a.result, *a.compare]))
+        return 0
+    result = _load(a.result)
     summary = model_summary(result)
     ops = op_breakdown(Path(a.hlo).read_text(), result["buckets"][0]["length"]) if a.hlo else None
     print(markdown(summary, ops))

@@ -457,9 +457,10 @@ TRAIN_OVERRIDES = ("batch_size", "cached_loss", "mini_batch_size", "fsdp", "mesh
 
 
 def compile_train(config: str, model: str | None = None, num_slices: int = 1, log=print,
-                  overrides: dict | None = None) -> dict:
+                  overrides: dict | None = None, hlo_dir: str | Path | None = None) -> dict:
     """Compile the training step of a ``tpu/train/*.json`` config on its v5e slice; ``overrides``:
-    {config key: value} of ``TRAIN_OVERRIDES`` replacing the file's (as the ``train`` flags do)."""
+    {config key: value} of ``TRAIN_OVERRIDES`` replacing the file's (as the ``train`` flags do); ``hlo_dir``:
+    write the optimised HLO there (``L<max_length>.hlo.txt``, as ``--hlo`` does for the job step)."""
     import jax
     import jax.numpy as jnp
 
@@ -511,6 +512,7 @@ def compile_train(config: str, model: str | None = None, num_slices: int = 1, lo
                     "compile_seconds": round(time.perf_counter() - tm, 2)})
     else:  # training: forward + backward (+ the remat forward) is ~3-4x the forward's FLOPs
         row.update(_report(exe, time.perf_counter() - tm, tokens, 3 * flops_per_token(enc_cfg, L),
+                           hlo_file=Path(hlo_dir) / f"L{L}.hlo.txt" if hlo_dir else None,
                            branch_shares=layer_branch_shares(enc_cfg)))
     out = {"topology": name, "kind": "train", "config": str(config), "num_slices": num_slices,
            "chips": chips * num_slices, "hosts": len({d.process_index for d in devices}), "mesh": dict(mesh.shape),
@@ -660,7 +662,7 @@ def cmd_tpu_compile(args) -> int:
                              "one length (max_length)")
         if args.quantize:
             raise ValueError("--quantize is for --topology (the inference job); training runs in float")
-        out = compile_train(args.train, args.model, args.slices, overrides=train_overrides(args))
+        out = compile_train(args.train, args.model, args.slices, overrides=train_overrides(args), hlo_dir=args.hlo)
     else:
         if train_overrides(args):
             raise ValueError(f"--{next(iter(train_overrides(args))).replace('_', '-')} is for --train "
