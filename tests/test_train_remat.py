@@ -10,6 +10,7 @@ from embeddinggemma_jax.train import step as st
 from embeddinggemma_jax.train.data import BatchEncoder, TextBatch
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("cached", [False, True])
 def test_remat_policies_give_the_same_loss_and_gradients(tiny_folder, cached):
     from embeddinggemma_jax.batching import TRAIN_LENGTH_BUCKETS

@@ -115,6 +115,7 @@ def test_run_writes_tensorboard_wandb_offline_and_a_profile(tiny_folder, tmp_pat
     assert {"train", "data", "train_step", "place_batch"} <= names, sorted(names)[:50]
 
 
+@pytest.mark.slow
 def test_embed_profile_rounds_writes_a_trace_and_the_same_embeddings(tiny_folder, tmp_path):
     import jax
 
