@@ -127,6 +127,20 @@ def summarize(res: dict, batch: int, skip: int) -> dict:
     return dict(res, median_step_seconds=med, pairs_per_second=batch / med, steps_timed=len(kept))
 
 
+def table(r: dict) -> str:
+    """The markdown table of a result file (docs/training.md)."""
+    head = (f"{r['cpu']} ({r['cpu_count']} cores, 1-min load average {r['load_average_1min']:.1f} when measured), "
+            f"model {r['model']}, batch {r['batch_size']} pairs, max length {r['max_length']}, {r['dtype']}, "
+            f"median of steps {r['skip'] + 1}-{r['steps']}:")
+    rows = ["| trainer | median step (s) | pairs/s |", "|---|---:|---:|"]
+    for name, k in (("embeddinggemma-jax `train`", "ours"), ("sentence-transformers `SentenceTransformerTrainer`",
+                                                             "sentence_transformers")):
+        rows.append(f"| {name} | {r[k]['median_step_seconds']:.3f} | {r[k]['pairs_per_second']:.2f} |")
+    rows.append(f"| GPU (bf16, same batch) | {r['gpu']} | |")
+    return "\n".join([head, "", *rows, "", f"Ratio (ours / sentence-transformers): "
+                                            f"{r['ratio_ours_over_sentence_transformers']:.2f}x."])
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="tiny", help="tiny (a random tiny model), real (google/embeddinggemma-300m "
@@ -136,10 +150,14 @@ def main(argv=None) -> int:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--max-length", type=int, default=128)
     p.add_argument("--json", default=str(ROOT / "benchmarks" / "train_throughput.json"))
+    p.add_argument("--table", action="store_true", help="print the markdown table of the --json file and stop")
     p.add_argument("--side", choices=["ours", "theirs"], help=argparse.SUPPRESS)  # a subprocess's part
     p.add_argument("--folder", help=argparse.SUPPRESS)
     p.add_argument("--pairs", help=argparse.SUPPRESS)
     a = p.parse_args(argv)
+    if a.table:
+        print(table(json.loads(Path(a.json).read_text())))
+        return 0
     if a.side:
         print(json.dumps((ours if a.side == "ours" else theirs)(a)))
         return 0

@@ -57,6 +57,13 @@ class Block(nnx.Module):
         return constrain(h, ACTIVATION_BLD)
 
 
+# What a layer keeps for the backward pass under remat (``remat=True`` is "full": nothing, every layer's
+# forward is recomputed; "dots": the outputs of the weight matmuls, only the elementwise work and the
+# attention's batched einsums are recomputed). Either way the values are the same; only memory and time differ.
+REMAT_POLICIES = {"full": lambda: jax.checkpoint_policies.nothing_saveable,
+                  "dots": lambda: jax.checkpoint_policies.dots_with_no_batch_dims_saveable}
+
+
 class Encoder(nnx.Module):
     def __init__(self, cfg: EncoderConfig, *, dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
         self.cfg = cfg
@@ -116,7 +123,7 @@ class Encoder(nnx.Module):
             return h, (h if return_hidden else None)
 
         if remat:
-            body = jax.checkpoint(body, policy=jax.checkpoint_policies.nothing_saveable)
+            body = jax.checkpoint(body, policy=REMAT_POLICIES["full" if remat is True else remat]())
         h, hidden = jax.lax.scan(body, h, (layer_state, flags))
         out = self.norm(h, jnp.float32)  # token embeddings in fp32 for the fp32 pooling
         return (out, hidden) if return_hidden else out

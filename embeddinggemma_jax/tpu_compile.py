@@ -452,13 +452,15 @@ def compile_job(topology: str, buckets=None, model: str | None = None, num_slice
 
 
 # Settings of a tpu/train config that ``tpu-compile --train`` can override (declared in RunConfig/TrainConfig).
-TRAIN_OVERRIDES = ("batch_size", "cached_loss", "mini_batch_size", "fsdp", "mesh", "grad_accum")
+TRAIN_OVERRIDES = ("batch_size", "cached_loss", "mini_batch_size", "fsdp", "mesh", "grad_accum", "remat",
+                   "remat_policy")
 
 
 def compile_train(config: str, model: str | None = None, num_slices: int = 1, log=print,
-                  overrides: dict | None = None) -> dict:
+                  overrides: dict | None = None, hlo_dir: str | Path | None = None) -> dict:
     """Compile the training step of a ``tpu/train/*.json`` config on its v5e slice; ``overrides``:
-    {config key: value} of ``TRAIN_OVERRIDES`` replacing the file's (as the ``train`` flags do)."""
+    {config key: value} of ``TRAIN_OVERRIDES`` replacing the file's (as the ``train`` flags do); ``hlo_dir``:
+    write the optimised HLO there (``L<max_length>.hlo.txt``, as ``--hlo`` does for the job step)."""
     import jax
     import jax.numpy as jnp
 
@@ -501,7 +503,8 @@ def compile_train(config: str, model: str | None = None, num_slices: int = 1, lo
         if used is None:
             raise
     row = {"length": L, "rows_per_chip": 2 * A * B // (chips * num_slices), "attention": "xla",
-           "tokens_per_chip": tokens, "remat": cfg.remat, "rules": "fsdp" if cfg.fsdp else "data_parallel",
+           "tokens_per_chip": tokens, "remat": cfg.remat,
+           "remat_policy": cfg.remat_policy if cfg.remat else None, "rules": "fsdp" if cfg.fsdp else "data_parallel",
            "batch_size": B, "grad_accum": A, "cached_loss": cfg.cached_loss,
            "mini_batch_size": cfg.mini_batch_size if cfg.cached_loss else None}
     if exe is None:  # the compiler's own count of what it would need; no program, so no projection
@@ -509,6 +512,7 @@ def compile_train(config: str, model: str | None = None, num_slices: int = 1, lo
                     "compile_seconds": round(time.perf_counter() - tm, 2)})
     else:  # training: forward + backward (+ the remat forward) is ~3-4x the forward's FLOPs
         row.update(_report(exe, time.perf_counter() - tm, tokens, 3 * flops_per_token(enc_cfg, L),
+                           hlo_file=Path(hlo_dir) / f"L{L}.hlo.txt" if hlo_dir else None,
                            branch_shares=layer_branch_shares(enc_cfg)))
     out = {"topology": name, "kind": "train", "config": str(config), "num_slices": num_slices,
            "chips": chips * num_slices, "hosts": len({d.process_index for d in devices}), "mesh": dict(mesh.shape),
@@ -662,7 +666,7 @@ def cmd_tpu_compile(args) -> int:
                              "one length (max_length)")
         if args.quantize:
             raise ValueError("--quantize is for --topology (the inference job); training runs in float")
-        out = compile_train(args.train, args.model, args.slices, overrides=train_overrides(args))
+        out = compile_train(args.train, args.model, args.slices, overrides=train_overrides(args), hlo_dir=args.hlo)
     else:
         if train_overrides(args):
             raise ValueError(f"--{next(iter(train_overrides(args))).replace('_', '-')} is for --train "

@@ -9,7 +9,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.test_train import _write_pairs
+
+
+def _write_pairs(path: Path, n: int, seed: int = 0) -> Path:
+    rng = np.random.default_rng(seed)
+    words = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu".split()
+    with open(path, "w") as f:
+        for i in range(n):
+            w = [words[j] for j in rng.choice(len(words), 3, replace=False)]
+            f.write(json.dumps({"query": " ".join(w), "positive": f"doc {i}: " + " ".join(reversed(w))}) + "\n")
+    return path
 
 
 def _accumulator(folder: Path):
@@ -106,18 +115,19 @@ def test_run_writes_tensorboard_wandb_offline_and_a_profile(tiny_folder, tmp_pat
     assert {"train", "data", "train_step", "place_batch"} <= names, sorted(names)[:50]
 
 
+@pytest.mark.slow
 def test_embed_profile_rounds_writes_a_trace_and_the_same_embeddings(tiny_folder, tmp_path):
     import jax
 
     from embeddinggemma_jax.batch import shards
     from embeddinggemma_jax.batch.job import EmbedOptions, run_embed
-    from tests.test_batch_job import FAST, write_corpus
 
-    corpus = write_corpus(tmp_path / "docs.jsonl", n=40)
+    corpus = _write_pairs(tmp_path / "pairs.jsonl", 40)  # embedded: the "query" field
     outs = {}
     for name, extra in (("plain", {}), ("profiled", {"profile_rounds": "2:2"})):
         out = tmp_path / name
-        run_embed(EmbedOptions(model=str(tiny_folder), inputs=[str(corpus)], output=str(out), id_field="id", **FAST,
+        run_embed(EmbedOptions(model=str(tiny_folder), inputs=[str(corpus)], output=str(out), text_field="query",
+                               buckets=(64, 128), shrink=False, tokens_per_device=128, unit_size=16, progress=False,
                                **extra))
         outs[name] = shards.load_all(out)
     assert outs["plain"][0] == outs["profiled"][0]

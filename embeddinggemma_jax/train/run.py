@@ -282,7 +282,7 @@ class Run:
         bar = tqdm(total=cfg.total_steps, initial=self.step, desc="train", disable=not rc.progress,
                    dynamic_ncols=True)
         done_here, t_start = 0, time.time()
-        t_log, logged_at = time.perf_counter(), self.step  # step time: wall time per step since the last log
+        busy, logged_at = 0.0, self.step  # step time: reading the batch + the step, averaged since the last log
         while self.step < cfg.total_steps:
             if rc.stop_after is not None and done_here >= rc.stop_after:
                 break
@@ -290,6 +290,7 @@ class Run:
                 bar.write(f"deadline reached after step {self.step}; re-run to resume")
                 break
             profile.before(self.step + 1)
+            t0 = time.perf_counter()
             with jax.profiler.StepTraceAnnotation("train", step_num=self.step + 1):
                 with jax.profiler.TraceAnnotation("data"):
                     batch = self.encoder.encode([stream.next_batch(self.rows) for _ in range(cfg.grad_accum)],
@@ -299,12 +300,12 @@ class Run:
             self.position = stream.position
             done_here += 1
             s = self.step  # waits for the step
+            busy += time.perf_counter() - t0
             profile.after(s, metrics)
             if s % rc.log_every == 0 or s == cfg.total_steps:
                 m = {k: float(v) for k, v in metrics.items()}
-                now = time.perf_counter()
-                m.update(_throughput((now - t_log) / max(s - logged_at, 1), batch, rc.batch_size))
-                t_log, logged_at = now, s
+                m.update(_throughput(busy / max(s - logged_at, 1), batch, rc.batch_size))
+                busy, logged_at = 0.0, s
                 self.log.write(step=s, **m, epoch=self.position.epoch)
                 self.monitor.scalars(s, dict(m, epoch=self.position.epoch))
                 bar.set_postfix(loss=f"{m['loss']:.4f}")
@@ -344,7 +345,8 @@ class Run:
 
 
 def _throughput(step_seconds: float, batch, batch_size: int) -> dict:
-    """Per-step wall time (data, step and logging, averaged since the last log), pairs/s and tokens/s of the
+    """Per-step wall time (reading and tokenising the batch, and the step; averaged over the steps since the
+    last log; checkpoints and evaluations not included), pairs/s and tokens/s of the
     global batch; tokens are the padded tokens the step computes (queries and documents of every
     accumulated batch)."""
     rows = batch.query_ids.shape[1]  # this process's rows; the global batch has batch_size

@@ -71,6 +71,9 @@ class TrainConfig:
     scale: float = option(20.0, "cosine-score scale (1 / temperature)")
     freeze_embeddings: bool = option(False, "keep the 201M-parameter embedding table fixed")
     remat: bool = option(True, "recompute layer activations in the backward pass instead of keeping them")
+    remat_policy: str = option("full", "with remat: full recomputes each layer's forward; dots keeps the weight "
+                                       "matmuls' outputs and recomputes the rest (more memory, less time)",
+                               choices=["full", "dots"])
     dtype: str = option("bfloat16", "compute dtype (master parameters are float32)", choices=["bfloat16", "float32"])
     fsdp: bool = option(False, "shard parameters and optimiser state over the fsdp mesh axis")
     mesh_shape: tuple[int, int] | None = option(None, "DATA,FSDP mesh shape (default: all devices on one axis)",
@@ -79,6 +82,8 @@ class TrainConfig:
 
     def __post_init__(self):
         check_dtype(self.dtype)
+        if self.remat_policy not in ("full", "dots"):
+            raise ValueError(f"remat_policy {self.remat_policy!r} is unknown; use full or dots")
         if self.schedule not in ("linear", "cosine", "constant"):
             raise ValueError(f"schedule {self.schedule!r} is unknown; use linear, cosine or constant")
         if self.grad_accum < 1:
@@ -263,6 +268,7 @@ def state_shardings(t: Trainable, params: dict, tx: optax.GradientTransformation
 
 
 def _embed(t: Trainable, cfg: TrainConfig, params, frozen, ids, mask, remat: bool):
+    remat = cfg.remat_policy if remat and cfg.remat_policy != "full" else remat
     return nnx.merge(t.graphdef, _with_params(t, params), frozen)(ids, mask, remat=remat)  # [rows, out] fp32
 
 
