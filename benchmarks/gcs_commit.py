@@ -7,7 +7,7 @@ trying the ``moveTo`` API first (the emulator answers 501; gcsfs retries with ba
 so the rename protocol is also what a real bucket without that API costs in requests.
 
     python benchmarks/gcs_commit.py --shards 3 --out benchmarks/gcs_commit.json
-    python benchmarks/gcs_commit.py --table docs/batch-job.md   # the table in the docs, from that JSON
+    python benchmarks/doc_tables.py                             # the table in docs/batch-job.md, from that JSON
 """
 
 from __future__ import annotations
@@ -56,37 +56,26 @@ def write_shards(root: str, n: int, write) -> float:
     return time.perf_counter() - t0
 
 
-BEGIN, END = "<!-- gcs-commit-table: python benchmarks/gcs_commit.py --table docs/batch-job.md -->", \
-    "<!-- /gcs-commit-table -->"
-
-
-def write_table(doc: Path, result: Path) -> None:
-    r = json.loads(result.read_text())
-    table = "\n".join([
-        BEGIN,
+def table(r: dict) -> str:
+    return "\n".join([
         "| commit on gs:// (emulator) | seconds for {shards} shards ({objects_per_shard} objects each) |".format(**r),
         "|---|---|",
         f"| temporary name + rename (copy + delete after `moveTo`) | {r['seconds_rename']} |",
         f"| final name, metadata last (now) | {r['seconds_final_name']} |",
         f"| ratio | {r['speedup']}x |",
         "",
-        f"CPU: {r['cpu']}; {r['emulator']}, gcsfs {r['gcsfs']}.",
-        END])
-    text = doc.read_text()
-    start = text.index(BEGIN)
-    end = text.index(END, start) + len(END) if END in text[start:] else start + len(BEGIN)
-    doc.write_text(text[:start] + table + text[end:])
+        f"CPU: {r['cpu']}; {r['emulator']}, gcsfs {r['gcsfs']}."])
+
+
+def blocks(result: Path = Path(__file__).resolve().parent / "gcs_commit.json") -> dict[str, dict[str, str]]:
+    return {"batch-job.md": {"GCS_COMMIT": table(json.loads(result.read_text()))}}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--shards", type=int, default=3)
     ap.add_argument("--out", type=Path, default=Path(__file__).with_name("gcs_commit.json"))
-    ap.add_argument("--table", type=Path, help="only rewrite the table in this Markdown file from --out")
     args = ap.parse_args()
-    if args.table:
-        write_table(args.table, args.out)
-        return
     port = free_port()
     emu = subprocess.Popen([sys.executable, "-m", "gcp_storage_emulator", "start", "--host", "127.0.0.1", "--port",
                             str(port), "--in-memory", "--default-bucket", "bench"],

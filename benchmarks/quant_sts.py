@@ -25,9 +25,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from embeddinggemma_jax.io_utils import atomic_write_bytes, atomic_write_json  # noqa: E402
+from embeddinggemma_jax.io_utils import atomic_write_json  # noqa: E402
 from embeddinggemma_jax.quant import MODE_NAMES  # noqa: E402
-from tpu_tables import replace_block  # noqa: E402
+from doc_tables import sync  # noqa: E402
 
 DTYPES = ("float32", "bfloat16")
 GATE_POINTS = 0.5  # the bar: within 0.5 Spearman points of fp32 on every language
@@ -88,6 +88,10 @@ def table(data: dict) -> str:
     return "\n".join(lines)
 
 
+def blocks() -> dict[str, dict[str, str]]:
+    return {"quantization.md": {"QUANT_STS": table(json.loads(OUT.read_text()) if OUT.exists() else {})}}
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--run", action="store_true", help="run the evaluations missing from --results first")
@@ -103,13 +107,9 @@ def main(argv=None) -> int:
         run_all(args)
     if not args.check and Path(args.results).is_dir():
         atomic_write_json(OUT, collect(Path(args.results)))
-    data = json.loads(OUT.read_text()) if OUT.exists() else {}
-    text = DOC.read_text(encoding="utf-8")
-    new = replace_block(text, "QUANT_STS", table(data))
-    if new != text and not args.check:
-        atomic_write_bytes(DOC, new.encode("utf-8"))
-    print(("stale: " if args.check and new != text else "ok: ") + str(DOC.relative_to(ROOT)))
-    return 1 if args.check and new != text else 0
+    stale = sync(blocks(), args.check)
+    print(("stale: " if args.check and stale else "ok: ") + str(DOC.relative_to(ROOT)))
+    return 1 if args.check and stale else 0
 
 
 if __name__ == "__main__":

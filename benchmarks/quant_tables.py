@@ -21,8 +21,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from embeddinggemma_jax import quant  # noqa: E402
-from embeddinggemma_jax.io_utils import atomic_write_bytes  # noqa: E402
-from tpu_tables import replace_block  # noqa: E402
+from doc_tables import sync  # noqa: E402
 
 DOC = ROOT / "docs" / "quantization.md"
 KINDS = ("embed", "attn", "mlp", "head")
@@ -70,23 +69,22 @@ def bf16_table(data: dict) -> str:
     return "\n".join(lines)
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--check", action="store_true", help="exit 1 if docs/quantization.md is not what the files give")
-    a = ap.parse_args(argv)
-
+def blocks() -> dict[str, dict[str, str]]:
     def load(name):
         p = ROOT / "benchmarks" / name
         return json.loads(p.read_text()) if p.exists() else {}
 
-    text = DOC.read_text(encoding="utf-8")
-    new = replace_block(text, "QUANT_MODES", modes_table())
-    new = replace_block(new, "QUANT_TRIED", tried_table(load("quant_recipes.json")))
-    new = replace_block(new, "QUANT_BF16", bf16_table(load("quant_bf16.json")))
-    if new != text and not a.check:
-        atomic_write_bytes(DOC, new.encode("utf-8"))
-    print(("stale: " if a.check and new != text else "ok: ") + str(DOC.relative_to(ROOT)))
-    return 1 if a.check and new != text else 0
+    return {"quantization.md": {"QUANT_MODES": modes_table(), "QUANT_TRIED": tried_table(load("quant_recipes.json")),
+                                "QUANT_BF16": bf16_table(load("quant_bf16.json"))}}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--check", action="store_true", help="exit 1 if docs/quantization.md is not what the files give")
+    a = ap.parse_args(argv)
+    stale = sync(blocks(), a.check)
+    print(("stale: " if a.check and stale else "ok: ") + str(DOC.relative_to(ROOT)))
+    return 1 if a.check and stale else 0
 
 
 if __name__ == "__main__":

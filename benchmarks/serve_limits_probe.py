@@ -211,12 +211,8 @@ def table(result: dict) -> str:
                               f"{d['seconds_to_exit']} s. CPU: {result['cpu']} ({result['cores']} cores).\n")
 
 
-def write_table(json_path: Path, doc: Path) -> None:
-    text = doc.read_text()
-    start, end = "<!-- probe-table:start -->", "<!-- probe-table:end -->"
-    head, rest = text.split(start, 1)
-    _, tail = rest.split(end, 1)
-    doc.write_text(head + start + "\n" + table(json.loads(json_path.read_text())) + end + tail)
+def blocks(json_path: Path = REPO / "benchmarks" / "serve_limits_probe.json") -> dict[str, dict[str, str]]:
+    return {"serving.md": {"SERVE_PROBE": table(json.loads(json_path.read_text()))}}
 
 
 def main() -> int:
@@ -226,7 +222,9 @@ def main() -> int:
     p.add_argument("--table", action="store_true", help="only regenerate docs/serving.md's table from --out")
     args = p.parse_args()
     if args.table:
-        write_table(Path(args.out), REPO / "docs" / "serving.md")
+        from doc_tables import sync
+
+        sync(blocks(Path(args.out)), check=False)
         return 0
     from embeddinggemma_jax.serve.config import ServeOptions
 
@@ -265,7 +263,9 @@ def main() -> int:
     from embeddinggemma_jax.io_utils import atomic_write_json
 
     atomic_write_json(args.out, result)
-    write_table(Path(args.out), REPO / "docs" / "serving.md")
+    from doc_tables import sync
+
+    sync(blocks(Path(args.out)), check=False)
     print(f"wrote {args.out} and the table in docs/serving.md")
     return 0
 

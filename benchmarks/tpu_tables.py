@@ -14,7 +14,6 @@ import json
 import re
 from pathlib import Path
 
-from embeddinggemma_jax.io_utils import atomic_write_bytes
 
 ROOT = Path(__file__).resolve().parents[1]
 COMPILED = ROOT / "tpu" / "compiled"
@@ -112,37 +111,25 @@ def quant_table() -> str:
     return f"Each cell: L={ends[0]} / L={ends[1]}.\n\n" + "\n".join(rows)
 
 
-def replace_block(text: str, tag: str, body: str) -> str:
-    start, end = f"<!-- {tag} -->", f"<!-- /{tag} -->"
-    i, j = text.index(start) + len(start), text.index(end)
-    return text[:i] + "\n" + body + "\n" + text[j:]
+def blocks() -> dict[str, dict[str, str]]:
+    from embeddinggemma_jax import topologies
+    from train_batch_search import table as train_table
+
+    detail, summary = tables()
+    train = train_table(COMPILED / "train-search")
+    return {"tpu.md": {"COMPILED_TABLES": detail, "ROWS_TABLE": topologies.arithmetic_table(), "TRAIN_TABLE": train},
+            "batch-job.md": {"COMPILED_SUMMARY": summary},
+            "training.md": {"TRAIN_TABLE": train},
+            "quantization.md": {"QUANT_TPU_TABLE": quant_table()}}
 
 
 def main(argv=None) -> int:
+    from doc_tables import sync
+
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--check", action="store_true", help="exit 1 if a page is not what the files give")
     a = ap.parse_args(argv)
-    from embeddinggemma_jax import topologies
-
-    detail, summary = tables()
-    stale = []
-    from train_batch_search import table as train_table
-
-    train = train_table(COMPILED / "train-search")
-    docs = ROOT / "docs"
-    for path, blocks in ((docs / "tpu.md", {"COMPILED_TABLES": detail, "ROWS_TABLE": topologies.arithmetic_table(),
-                                            "TRAIN_TABLE": train}),
-                         (docs / "batch-job.md", {"COMPILED_SUMMARY": summary}),
-                         (docs / "training.md", {"TRAIN_TABLE": train}),
-                         (docs / "quantization.md", {"QUANT_TPU_TABLE": quant_table()})):
-        text = path.read_text(encoding="utf-8")
-        new = text
-        for tag, body in blocks.items():
-            new = replace_block(new, tag, body)
-        if new != text:
-            stale.append(str(path.relative_to(ROOT)))
-            if not a.check:
-                atomic_write_bytes(path, new.encode("utf-8"))
+    stale = sync(blocks(), a.check)
     print(("stale: " if a.check else "rewrote: ") + (", ".join(stale) or "nothing"))
     return 1 if a.check and stale else 0
 

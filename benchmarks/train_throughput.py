@@ -141,6 +141,10 @@ def table(r: dict) -> str:
                                             f"{r['ratio_ours_over_sentence_transformers']:.2f}x."])
 
 
+def blocks(path: Path = ROOT / "benchmarks" / "train_throughput.json") -> dict[str, dict[str, str]]:
+    return {"training.md": {"TRAIN_THROUGHPUT": table(json.loads(path.read_text()))}}
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="tiny", help="tiny (a random tiny model), real (google/embeddinggemma-300m "
