@@ -188,6 +188,12 @@ def run_sts(embed: Callable[[list[str]], np.ndarray], data: str | Path, split: s
     All files are read and checked before the first sentence is embedded."""
     files = sts_files(data, split, languages)
     pairs = {lang: read_sts_file(p, lang).head(max_pairs) for lang, p in files.items()}
+    return {"split": split, **evaluate_languages(embed, pairs, dims, say)}
+
+
+def evaluate_languages(embed: Callable[[list[str]], np.ndarray], pairs: dict[str, StsPairs], dims: Sequence[int],
+                       say: Callable[[str], None] | None = None) -> dict:
+    """``{"results": {lang: ...}, "mean", "mean_by_dimension"}`` of already read pairs."""
     results = {}
     for lang, p in pairs.items():
         results[lang] = evaluate_pairs(embed, p, dims)
@@ -195,7 +201,7 @@ def run_sts(embed: Callable[[list[str]], np.ndarray], data: str | Path, split: s
             say(f"{lang}: spearman x100 = {results[lang]['spearman']:.2f} ({len(p)} pairs, "
                 f"{results[lang]['seconds']:.1f} s) " + " ".join(f"d{d}={v:.2f}" for d, v in
                                                                  results[lang]["by_dimension"].items()))
-    return {"split": split, "results": results, **summarize(results)}
+    return {"results": results, **summarize(results)}
 
 
 def model_embedder(model, prompt_name: str | None = "STS", batch_size: int = 32) -> Callable[[list[str]], np.ndarray]:
