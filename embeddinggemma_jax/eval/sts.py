@@ -209,17 +209,3 @@ def model_embedder(model, prompt_name: str | None = "STS", batch_size: int = 32)
     return lambda texts: model.encode(texts, prompt_name=prompt_name or None, normalize=False,
                                       batch_size=batch_size)
 
-
-def reference_spearman(st_model, pairs: StsPairs, prompt_name: str | None = "STS", batch_size: int = 32,
-                       truncate_dim: int | None = None) -> float:
-    """The reference: sentence-transformers' ``EmbeddingSimilarityEvaluator`` (``spearman_cosine``, x 100)
-    on the same pairs, every sentence encoded with the prompt ``prompt_name`` (needs the ``test`` extra)."""
-    from sentence_transformers.evaluation import EmbeddingSimilarityEvaluator
-
-    class Prompted(EmbeddingSimilarityEvaluator):
-        def embed_inputs(self, model, sentences, **kw):
-            return super().embed_inputs(model, sentences, prompt_name=prompt_name or None, **kw)
-
-    ev = Prompted(pairs.sentences1, pairs.sentences2, [float(s) for s in pairs.scores], batch_size=batch_size,
-                  main_similarity="cosine", write_csv=False, truncate_dim=truncate_dim)
-    return 100.0 * float(ev(st_model)["spearman_cosine"])
