@@ -2,7 +2,7 @@
 
 For each language: this package's Spearman x 100 (``eval.sts.evaluate_pairs`` through
 ``EmbeddingGemma.encode``, each distinct sentence once) and the reference's
-(``eval.sts.reference_spearman``: ``EmbeddingSimilarityEvaluator`` on PyTorch, fp32, every sentence of
+(``reference_spearman``: ``EmbeddingSimilarityEvaluator`` on PyTorch, fp32, every sentence of
 both columns encoded), with the same prompt, and the wall seconds of each, measured side by side in
 one process on this CPU. Ours is timed including its XLA compilations (counted per language: the
 first language pays most of them; set EMBEDDINGGEMMA_JAX_COMPILATION_CACHE to keep them across runs).
@@ -26,6 +26,21 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from embeddinggemma_jax.eval import sts  # noqa: E402
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "stsb-multi-mt"
+
+
+def reference_spearman(st_model, pairs: sts.StsPairs, prompt_name: str | None = "STS", batch_size: int = 32,
+                       truncate_dim: int | None = None) -> float:
+    """The reference: sentence-transformers' ``EmbeddingSimilarityEvaluator`` (``spearman_cosine``, x 100)
+    on the same pairs, every sentence encoded with the prompt ``prompt_name`` (needs the ``test`` extra)."""
+    from sentence_transformers.evaluation import EmbeddingSimilarityEvaluator
+
+    class Prompted(EmbeddingSimilarityEvaluator):
+        def embed_inputs(self, model, sentences, **kw):
+            return super().embed_inputs(model, sentences, prompt_name=prompt_name or None, **kw)
+
+    ev = Prompted(pairs.sentences1, pairs.sentences2, [float(s) for s in pairs.scores], batch_size=batch_size,
+                  main_similarity="cosine", write_csv=False, truncate_dim=truncate_dim)
+    return 100.0 * float(ev(st_model)["spearman_cosine"])
 
 
 def cpu_name() -> str:
@@ -69,7 +84,7 @@ def main(argv=None) -> int:
         c0 = ours.compile_count
         r = sts.evaluate_pairs(embed, p, (ours.dimensions,))
         t0 = time.perf_counter()
-        ref_score = sts.reference_spearman(ref, p, args.prompt_name, args.batch_size)
+        ref_score = reference_spearman(ref, p, args.prompt_name, args.batch_size)
         ref_seconds = time.perf_counter() - t0
         out["results"][lang] = {"pairs": len(p), "sentences": r["sentences"], "ours": r["spearman"],
                                 "reference": ref_score, "difference": r["spearman"] - ref_score,

@@ -7,7 +7,8 @@ the train step leaves its results bit for bit (docs/training.md, docs/training-t
     python benchmarks/train_step_dump.py --compare /tmp/a.npz /tmp/b.npz
 """
 import sys
-import numpy as np, jax
+import numpy as np
+import jax
 from pathlib import Path
 from embeddinggemma_jax.testing import make_tiny_folder
 from embeddinggemma_jax.train import step as st

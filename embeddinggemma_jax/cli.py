@@ -142,6 +142,18 @@ def cmd_tpu_configs(args) -> int:
     return 0
 
 
+def add_evaluate_arguments(p) -> None:
+    from embeddinggemma_jax.eval import cli as eval_cli
+
+    eval_cli.add_evaluate_arguments(p, add_model_args)
+
+
+def cmd_evaluate(args) -> int:
+    from embeddinggemma_jax.eval import cli as eval_cli
+
+    return eval_cli.cmd_evaluate(args)
+
+
 class Command(NamedTuple):
     name: str
     help: str
@@ -178,7 +190,10 @@ COMMANDS: tuple[Command, ...] = (
             "embeddinggemma_jax.train.cli", "add_export_arguments", "cmd_export",
             "Export the parameters of a run's checkpoint (default: the latest)."),
     Command("evaluate", "evaluate a model: STS Benchmark Spearman (sts) or retrieval metrics (retrieval)",
-            "embeddinggemma_jax.eval.cli", "add_evaluate_arguments", "cmd_evaluate", "EVALUATE_DESCRIPTION"),
+            "", "add_evaluate_arguments", "cmd_evaluate",
+            "evaluate sts: Spearman x 100 between cosine and gold score per language of the STS Benchmark files "
+            "(stsb-LANG-SPLIT.csv); evaluate retrieval: recall@1/@10, MRR@10, nDCG@10 of query -> positive pairs; "
+            "evaluate sts-to-jsonl: STS-B CSV -> training JSONL."),
     Command("bench", "benchmark this package against sentence-transformers, side by side", "embeddinggemma_jax.bench",
             "add_bench_arguments", "cmd_bench", "BENCH_DESCRIPTION"),
     Command("serve", "serve an OpenAI-compatible /v1/embeddings API (and TEI's /embed)", "embeddinggemma_jax.serve.cli",

@@ -635,7 +635,6 @@ def test_bom_gzip_and_ids_that_differ_only_in_type(tiny_folder, tmp_path):
 def test_verify_on_a_truncated_or_malformed_manifest_is_one_line(reference, tmp_path, damage, message):
     import shutil
 
-    from embeddinggemma_jax.cli import main
 
     d = tmp_path / "copy"
     shutil.copytree(reference[0], d)

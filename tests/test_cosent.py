@@ -20,7 +20,7 @@ COSENT_BATCH = TextBatch(
      "three"], None, [4.2, 1.0, 2.5, 4.2, 0.0, 3.3])
 
 
-def _torch_cosent(folder, b, dims, weights):
+def _torch_cosent(folder, b, dims, weights, backward: bool = True):
     """sentence-transformers' MatryoshkaLoss(CoSENTLoss) on the token batch ``b``: (loss, grads by (file, key))."""
     import torch
     from sentence_transformers import SentenceTransformer
@@ -35,7 +35,10 @@ def _torch_cosent(folder, b, dims, weights):
         return {"input_ids": torch.tensor(ids, dtype=torch.long), "attention_mask": torch.tensor(mask, dtype=torch.long)}
 
     cols = [features(b.query_ids[0], b.query_mask[0]), features(b.doc_ids[0, :B], b.doc_mask[0, :B])]
-    loss = MatryoshkaLoss(model, CoSENTLoss(model), list(dims), list(weights))(cols, torch.tensor(b.scores[0]))
+    with torch.set_grad_enabled(backward):
+        loss = MatryoshkaLoss(model, CoSENTLoss(model), list(dims), list(weights))(cols, torch.tensor(b.scores[0]))
+    if not backward:
+        return loss.item(), None
     loss.backward()
     grads = {(file, name): p.grad.numpy() for file, mod in ((ENCODER_FILE, model[0].auto_model),
                                                             (DENSE1_FILE, model[2]), (DENSE2_FILE, model[3]))
@@ -62,6 +65,21 @@ def test_cosent_loss_and_every_gradient_equal_sentence_transformers(tiny_folder)
     assert torch_loss > 0
     np.testing.assert_allclose(float(loss), torch_loss, rtol=1e-4)
     _assert_grads_equal(enc, grads, torch_grads)
+
+
+@pytest.mark.real
+@pytest.mark.slow
+def test_real_weights_step_one_cosent_loss_equals_sentence_transformers(real_folder):
+    """Step 1 of --loss cosent on the real weights (fp32, the STS prompt on both sides, the default
+    Matryoshka dims): the loss within 1e-3 of sentence-transformers' MatryoshkaLoss(CoSENTLoss)."""
+    from embeddinggemma_jax.train.losses import DEFAULT_MATRYOSHKA_DIMS
+
+    weights = (1.0,) * len(DEFAULT_MATRYOSHKA_DIMS)
+    _, b, loss, grads = _jax_cosent(real_folder, DEFAULT_MATRYOSHKA_DIMS, weights, prompts=("STS", "STS"))
+    del grads
+    torch_loss, _ = _torch_cosent(real_folder, b, DEFAULT_MATRYOSHKA_DIMS, weights, backward=False)
+    assert torch_loss > 0
+    assert abs(float(loss) - torch_loss) < 1e-3, (float(loss), torch_loss)
 
 
 def test_cosent_settings_and_records_are_checked(tmp_path):
@@ -106,3 +124,47 @@ def test_sts_files_to_jsonl_train_cosent(tiny_folder, tmp_path):
     losses = [json.loads(x)["loss"] for x in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()
               if "loss" in json.loads(x)]
     assert len(losses) == 6 and all(np.isfinite(losses))
+
+
+@pytest.mark.slow
+def test_train_eval_sts_logs_each_evaluation_and_keeps_the_best(tiny_folder, tmp_path):
+    """--eval-sts evaluates at step 0, every --eval-every and at the end (logged with the step, equal to
+    evaluate sts on the exported parameters); --keep-best sts exports the best of them to OUTPUT/best."""
+    from embeddinggemma_jax import EmbeddingGemma
+    from embeddinggemma_jax.cli import main
+    from embeddinggemma_jax.eval import sts
+
+    rows = [f'"s{i} alpha beta",s{i} gamma delta,{(i * 7) % 51 / 10}' for i in range(16)]
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "stsb-aa-train.csv").write_text("\n".join(rows) + "\n")
+    (tmp_path / "d" / "stsb-aa-dev.csv").write_text("\n".join(rows[::-1][:10]) + "\n")
+    (tmp_path / "d" / "stsb-bb-dev.csv").write_text("\n".join(rows[:9]) + "\n")
+    data = tmp_path / "train.jsonl"
+    assert main(["evaluate", "sts-to-jsonl", "--data", str(tmp_path / "d"), "--languages", "aa", "--out",
+                 str(data)]) == 0
+    base = ["train", "--model", str(tiny_folder), "--train-file", str(data), "--loss", "cosent", "--score-field",
+            "score", "--steps", "4", "--lr", "3e-3", "--dtype", "float32", "--matryoshka-dims", "40,32",
+            "--batch-size", "8", "--max-length", "32", "--pad-to-max-length", "--no-progress",
+            "--query-prompt", "", "--document-prompt", "", "--eval-sts", str(tmp_path / "d"),
+            "--eval-sts-prompt", "", "--eval-every", "2"]
+    with pytest.raises(ValueError, match="--keep-best sts:zz: language 'zz' is not evaluated"):
+        from embeddinggemma_jax.train.cli import run_config
+        from embeddinggemma_jax.train.run import Run
+
+        Run(run_config(__import__("embeddinggemma_jax.cli", fromlist=["x"]).build_parser().parse_args(
+            base + ["--output-dir", str(tmp_path / "x"), "--keep-best", "sts:zz"])))
+    assert main(base + ["--output-dir", str(tmp_path / "r"), "--keep-best", "sts"]) == 0
+    evals = [json.loads(x) for x in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
+    evals = [e for e in evals if "eval_sts" in e]
+    assert [e["step"] for e in evals] == [0, 2, 4]
+    assert all(set(e["eval_sts"]) == {"mean", "mean_by_dimension", "aa", "bb"} for e in evals)
+    best = json.loads((tmp_path / "r" / "best.json").read_text())
+    means = [e["eval_sts"]["mean"] for e in evals]
+    assert best["metric"] == "sts" and best["value"] == max(means) and best["step"] == evals[means.index(max(means))][
+        "step"]
+    # the logged numbers are evaluate sts's on the exported parameters (same prompt, same truncation)
+    for folder, step in ((tmp_path / "r" / "final", 4), (tmp_path / "r" / "best", best["step"])):
+        model = EmbeddingGemma.from_pretrained(folder)
+        res = sts.run_sts(sts.model_embedder(model, None), tmp_path / "d", "dev", "all", (40, 32))
+        logged = next(e for e in evals if e["step"] == step)["eval_sts"]
+        assert res["mean"] == pytest.approx(logged["mean"], abs=0.05)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +15,9 @@ import pytest
 
 from embeddinggemma_jax.cli import main
 from embeddinggemma_jax.eval import sts
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.eval_sts_reference import reference_spearman  # noqa: E402 - the reference, one home
 
 ROOT = Path(__file__).resolve().parents[1]
 # The STS-B files (shared/data/stsb-multi-mt): $EMBEDDINGGEMMA_JAX_STSB, else shared/ inside or beside the checkout.
@@ -126,7 +130,7 @@ def test_evaluate_sts_cli_json_equals_embedding_similarity_evaluator(tiny_folder
         pairs = sts.read_sts_file(tmp_path / "d" / f"stsb-{lang}-dev.csv")
         assert r["sentences"] == len(set(pairs.sentences1 + pairs.sentences2))
         for d in TINY_DIMS:
-            ref = sts.reference_spearman(st, pairs, "query", truncate_dim=d)
+            ref = reference_spearman(st, pairs, "query", truncate_dim=d)
             assert abs(r["by_dimension"][str(d)] - ref) < 0.05, (lang, d, r["by_dimension"][str(d)], ref)
     assert res["mean"] == pytest.approx(np.mean([r["spearman"] for r in res["results"].values()]))
     assert res["mean_by_dimension"]["32"] == pytest.approx(
@@ -177,7 +181,7 @@ def real_dev():
 
 @pytest.fixture(scope="module")
 def real_reference(real_dev, st_model):
-    return {lang: sts.reference_spearman(st_model, p, "STS") for lang, p in real_dev.items()}
+    return {lang: reference_spearman(st_model, p, "STS") for lang, p in real_dev.items()}
 
 
 @pytest.mark.real

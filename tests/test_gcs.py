@@ -13,7 +13,6 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from embeddinggemma_jax.batch.job import EmbedOptions, run_embed, verify

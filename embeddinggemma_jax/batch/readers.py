@@ -12,6 +12,7 @@ skips the lines of the others without decoding them. Paths go through ``etils.ep
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from dataclasses import dataclass, field
@@ -101,12 +102,10 @@ def is_gzip(path: str) -> bool:
     return str(path).lower().endswith(".gz")
 
 
-def fingerprint() -> "hashlib._Hash":
+def fingerprint():
     """The hash a unit's input is fingerprinted with: sha256 over its raw lines (jsonl, text: the bytes
     as stored, after gzip decompression) or over its rows' field values (parquet: ``_row_bytes``). A
     shard records its unit's fingerprint; a rerun redoes a shard whose input changed, ``verify`` reports it."""
-    import hashlib
-
     return hashlib.sha256()
 
 

@@ -26,9 +26,7 @@ def _dims(s: str) -> tuple[int, ...]:
     return tuple(ints(s))
 
 
-def _common(p, prompt_default: str | None) -> None:
-    from embeddinggemma_jax.cli import add_model_args
-
+def _common(p, prompt_default: str | None, add_model_args) -> None:
     add_model_args(p)
     p.add_argument("--dimensions", type=_dims, default=(768, 512, 256, 128),
                    help="comma-separated Matryoshka dimensions (default: 768,512,256,128)")
@@ -39,7 +37,8 @@ def _common(p, prompt_default: str | None) -> None:
                        help=f"the model's prompt for every sentence ('' for none; default: {prompt_default})")
 
 
-def add_evaluate_arguments(p) -> None:
+def add_evaluate_arguments(p, add_model_args) -> None:
+    """``add_model_args``: ``cli.add_model_args`` (--model, --dtype, --quantize), passed in by ``cli``."""
     sub = p.add_subparsers(dest="task", metavar="TASK")
     sub.required = True
     s = sub.add_parser("sts", help="Spearman x 100 on STS Benchmark files (stsb-LANG-SPLIT.csv)",
@@ -48,7 +47,7 @@ def add_evaluate_arguments(p) -> None:
     s.add_argument("--split", default="dev", help="the SPLIT part of the file names (default: dev)")
     s.add_argument("--languages", default="all", help="comma-separated languages or 'all' (default: all)")
     s.add_argument("--max-pairs", type=int, default=None, help="use each file's first N pairs (default: all)")
-    _common(s, "STS")
+    _common(s, "STS", add_model_args)
     s.set_defaults(func=cmd_evaluate_sts)
     r = sub.add_parser("retrieval", help="recall@1/@10, MRR@10, nDCG@10 on held-out JSONL pairs",
                        description="Each query against the corpus of all distinct positives (eval.retrieval).")
@@ -59,7 +58,7 @@ def add_evaluate_arguments(p) -> None:
     r.add_argument("--query-prompt", default="query", help="prompt name for queries ('' for none)")
     r.add_argument("--document-prompt", default="document", help="prompt name for documents ('' for none)")
     r.add_argument("--max-pairs", type=int, default=None, help="use the first N pairs (default: all)")
-    _common(r, None)
+    _common(r, None, add_model_args)
     r.set_defaults(func=cmd_evaluate_retrieval)
     c = sub.add_parser("sts-to-jsonl", help="write STS files as JSONL pairs with a score (train --loss cosent)",
                        description='One {"query": sentence1, "positive": sentence2, "score": score} per pair, '

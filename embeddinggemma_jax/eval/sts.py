@@ -188,6 +188,12 @@ def run_sts(embed: Callable[[list[str]], np.ndarray], data: str | Path, split: s
     All files are read and checked before the first sentence is embedded."""
     files = sts_files(data, split, languages)
     pairs = {lang: read_sts_file(p, lang).head(max_pairs) for lang, p in files.items()}
+    return {"split": split, **evaluate_languages(embed, pairs, dims, say)}
+
+
+def evaluate_languages(embed: Callable[[list[str]], np.ndarray], pairs: dict[str, StsPairs], dims: Sequence[int],
+                       say: Callable[[str], None] | None = None) -> dict:
+    """``{"results": {lang: ...}, "mean", "mean_by_dimension"}`` of already read pairs."""
     results = {}
     for lang, p in pairs.items():
         results[lang] = evaluate_pairs(embed, p, dims)
@@ -195,7 +201,7 @@ def run_sts(embed: Callable[[list[str]], np.ndarray], data: str | Path, split: s
             say(f"{lang}: spearman x100 = {results[lang]['spearman']:.2f} ({len(p)} pairs, "
                 f"{results[lang]['seconds']:.1f} s) " + " ".join(f"d{d}={v:.2f}" for d, v in
                                                                  results[lang]["by_dimension"].items()))
-    return {"split": split, "results": results, **summarize(results)}
+    return {"results": results, **summarize(results)}
 
 
 def model_embedder(model, prompt_name: str | None = "STS", batch_size: int = 32) -> Callable[[list[str]], np.ndarray]:
@@ -203,17 +209,3 @@ def model_embedder(model, prompt_name: str | None = "STS", batch_size: int = 32)
     return lambda texts: model.encode(texts, prompt_name=prompt_name or None, normalize=False,
                                       batch_size=batch_size)
 
-
-def reference_spearman(st_model, pairs: StsPairs, prompt_name: str | None = "STS", batch_size: int = 32,
-                       truncate_dim: int | None = None) -> float:
-    """The reference: sentence-transformers' ``EmbeddingSimilarityEvaluator`` (``spearman_cosine``, x 100)
-    on the same pairs, every sentence encoded with the prompt ``prompt_name`` (needs the ``test`` extra)."""
-    from sentence_transformers.evaluation import EmbeddingSimilarityEvaluator
-
-    class Prompted(EmbeddingSimilarityEvaluator):
-        def embed_inputs(self, model, sentences, **kw):
-            return super().embed_inputs(model, sentences, prompt_name=prompt_name or None, **kw)
-
-    ev = Prompted(pairs.sentences1, pairs.sentences2, [float(s) for s in pairs.scores], batch_size=batch_size,
-                  main_similarity="cosine", write_csv=False, truncate_dim=truncate_dim)
-    return 100.0 * float(ev(st_model)["spearman_cosine"])

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import time
-from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
@@ -49,6 +48,53 @@ def embed_ids(encoder, forward: Callable, ids, batch_size: int) -> np.ndarray:
             out = np.zeros((len(ids), e.shape[-1]), np.float32)
         out[b.index] = e
     return out
+
+
+class StsEvaluator:
+    """STS files (``eval.sts``) embedded with the training forward and the model's STS prompt; every file
+    is read and checked when the run starts, before its first step."""
+
+    def __init__(self, data, split: str, languages, encoder, prefix: str, dims: Sequence[int],
+                 batch_size: int = 32, max_pairs: int | None = None):
+        from embeddinggemma_jax.eval import sts
+
+        self.pairs = {lang: sts.read_sts_file(p, lang).head(max_pairs)
+                      for lang, p in sts.sts_files(data, split, languages).items()}
+        self.encoder, self.prefix, self.dims, self.batch_size = encoder, prefix, tuple(dims), batch_size
+
+    def evaluate(self, forward: Callable) -> dict:
+        """``{"results": {lang: {"spearman", "by_dimension", ...}}, "mean", "mean_by_dimension"}``."""
+        from embeddinggemma_jax.eval import sts
+
+        def embed(texts):
+            return embed_ids(self.encoder, forward, self.encoder.ids(texts, self.prefix), self.batch_size)
+
+        return sts.evaluate_languages(embed, self.pairs, self.dims)
+
+
+def best_value(metric: str, retrieval: dict | None, sts: dict | None) -> float | None:
+    """The value of a ``--keep-best`` metric in one evaluation (higher is better): ``sts`` (mean Spearman x 100
+    over the languages), ``sts:LANG``, or a retrieval metric (``ndcg@10``, ...) at the largest dimension."""
+    if metric == "sts":
+        return None if sts is None else sts["mean"]
+    if metric.startswith("sts:"):
+        return None if sts is None else sts["results"][metric[4:]]["spearman"]
+    return None if retrieval is None else retrieval[max(retrieval)][metric]
+
+
+def check_best_metric(metric: str, retrieval: bool, sts_languages: Sequence[str] | None) -> None:
+    """One line when ``--keep-best`` names a metric no evaluation of the run computes."""
+    if metric == "sts" or metric.startswith("sts:"):
+        if sts_languages is None:
+            raise ValueError(f"--keep-best {metric} needs --eval-sts DIR")
+        if metric.startswith("sts:") and metric[4:] not in sts_languages:
+            raise ValueError(f"--keep-best {metric}: language {metric[4:]!r} is not evaluated "
+                             f"(--eval-languages gives: {', '.join(sts_languages)})")
+    elif metric in METRICS:
+        if not retrieval:
+            raise ValueError(f"--keep-best {metric} needs --eval-file PAIRS.jsonl")
+    else:
+        raise ValueError(f"--keep-best {metric!r} is unknown; use sts, sts:LANG or one of {', '.join(METRICS)}")
 
 
 class MetricsLog:

@@ -28,7 +28,14 @@ from embeddinggemma_jax.storage import epath, is_object_store
 from embeddinggemma_jax.train import step as st
 from embeddinggemma_jax.train.checkpointing import TrainCheckpoints
 from embeddinggemma_jax.train.data import BatchEncoder, Fields, PairFile, PairStream, Position
-from embeddinggemma_jax.train.eval import MetricsLog, PairEvaluator, format_metrics
+from embeddinggemma_jax.train.eval import (
+    MetricsLog,
+    PairEvaluator,
+    StsEvaluator,
+    best_value,
+    check_best_metric,
+    format_metrics,
+)
 from embeddinggemma_jax.train.losses import check_matryoshka
 from embeddinggemma_jax.train.monitor import Monitor, ProfileWindow, parse_window
 
@@ -51,6 +58,13 @@ class RunConfig:
     eval_batch_size: int = option(32, "texts per evaluation batch")
     eval_dims: tuple[int, ...] | None = option(None, "dimensions to evaluate (default: the Matryoshka dims)",
                                                parse=ints)
+    eval_sts: str | None = option(None, "folder of stsb-LANG-SPLIT.csv files: STS Spearman x 100 at every evaluation")
+    eval_sts_split: str = option("dev", "the SPLIT of --eval-sts files")
+    eval_languages: str = option("all", "--eval-sts languages, comma-separated, or all")
+    eval_sts_prompt: str = option("STS", "prompt name for --eval-sts sentences ('' for none)")
+    keep_best: str | None = option(None, "METRIC: export the parameters of the best evaluation to OUTPUT/best "
+                                         "(sts: the mean Spearman; sts:LANG; or recall@1, recall@10, mrr@10, ndcg@10 "
+                                         "at the largest --eval-dims); OUTPUT/final is always the last step")
     save_every: int = option(100, "checkpoint every N steps")
     keep: int = option(3, "checkpoints to keep")
     log_every: int = option(1, "write metrics.jsonl every N steps")
@@ -176,6 +190,17 @@ class Run:
             records = PairFile(rc.eval_file, rc.fields).all_records()
             self.evaluator = PairEvaluator(records, self.encoder, rc.eval_dims or self.dims, rc.eval_batch_size,
                                            rc.eval_pairs)
+        self.sts_evaluator, self.last_sts, self.best = None, None, None
+        if rc.eval_sts:
+            prefix = self.head.prompts.get(rc.eval_sts_prompt, None) if rc.eval_sts_prompt else ""
+            if prefix is None:
+                raise ValueError(f"--eval-sts-prompt {rc.eval_sts_prompt!r} is not a prompt of the model "
+                                 f"({', '.join(sorted(self.head.prompts))}); name one or pass ''")
+            self.sts_evaluator = StsEvaluator(rc.eval_sts, rc.eval_sts_split, rc.eval_languages, self.encoder, prefix,
+                                              rc.eval_dims or self.dims, rc.eval_batch_size, rc.eval_pairs)
+        if rc.keep_best:
+            check_best_metric(rc.keep_best, self.evaluator is not None,
+                              None if self.sts_evaluator is None else list(self.sts_evaluator.pairs))
 
     def _forward(self, params, ids, mask):
         """Embeddings of a host batch (the same on every host): rows split over the mesh when they divide,
@@ -252,13 +277,44 @@ class Run:
                                   "run would fail to export at its end: move it away, or pass --no-export")
 
     def evaluate(self) -> dict | None:
-        if self.evaluator is None:
+        """Retrieval metrics (``--eval-file``; returned) and STS (``--eval-sts``; ``self.last_sts``) of the
+        current parameters, logged with the step; ``--keep-best`` exports them when they are the best."""
+        if self.evaluator is None and self.sts_evaluator is None:
             return None
         t0 = time.time()
-        m = self.evaluator.evaluate(lambda ids, mask: self._forward(self.state["params"], ids, mask))
-        self.log.write(step=self.step, eval={str(k): v for k, v in m.items()}, eval_seconds=time.time() - t0)
-        self.monitor.scalars(self.step, {"eval": m, "eval_seconds": time.time() - t0})
+        forward = lambda ids, mask: self._forward(self.state["params"], ids, mask)  # noqa: E731
+        m = self.evaluator.evaluate(forward) if self.evaluator is not None else None
+        self.last_sts = self.sts_evaluator.evaluate(forward) if self.sts_evaluator is not None else None
+        record = {} if m is None else {"eval": {str(k): v for k, v in m.items()}}
+        if self.last_sts is not None:
+            record["eval_sts"] = {"mean": self.last_sts["mean"], "mean_by_dimension": self.last_sts["mean_by_dimension"],
+                                  **{lang: r["by_dimension"] for lang, r in self.last_sts["results"].items()}}
+        self.log.write(step=self.step, **record, eval_seconds=time.time() - t0)
+        self.monitor.scalars(self.step, {**record, "eval_seconds": time.time() - t0})
+        if self.rc.keep_best:
+            self._keep_best(best_value(self.rc.keep_best, m, self.last_sts))
         return m
+
+    def _keep_best(self, value: float) -> None:
+        """OUTPUT/best (a sentence-transformers folder) and OUTPUT/best.json hold the best evaluation so far."""
+        from embeddinggemma_jax.io_utils import atomic_write_json
+
+        path = self.out / "best.json"
+        if self.best is None and path.is_file():  # a resumed run continues its own record
+            self.best = json.loads(path.read_text(encoding="utf-8"))
+        if self.best is not None and value <= self.best["value"]:
+            return
+        self.export(self.out / "best")
+        self.best = {"metric": self.rc.keep_best, "value": value, "step": self.step}
+        if is_primary():
+            atomic_write_json(path, self.best)
+
+    def eval_line(self, m: dict | None) -> str:
+        parts = [] if m is None else [format_metrics(m)]
+        if self.last_sts is not None:
+            parts.append(f"sts mean={self.last_sts['mean']:.2f} " + " ".join(
+                f"{lang}={r['spearman']:.2f}" for lang, r in self.last_sts["results"].items()))
+        return "  ".join(parts)
 
     def fit(self, say=print) -> dict:
         rc, cfg = self.rc, self.rc.train
@@ -274,9 +330,10 @@ class Run:
             say=say)
         profile = ProfileWindow(parse_window(rc.profile_steps, "--profile-steps"),
                                 f"{rc.output_dir.rstrip('/')}/tb", enabled=is_primary())
-        if not resumed and self.evaluator is not None:
+        if not resumed and (self.evaluator is not None or self.sts_evaluator is not None):
             summary["eval_before"] = self.evaluate()
-            say(f"eval @ step 0: {format_metrics(summary['eval_before'])}")
+            summary["eval_sts_before"] = self.last_sts
+            say(f"eval @ step 0: {self.eval_line(summary['eval_before'])}")
         from tqdm import tqdm
 
         bar = tqdm(total=cfg.total_steps, initial=self.step, desc="train", disable=not rc.progress,
@@ -314,7 +371,7 @@ class Run:
                 self.ckpt.save(s, self.state, self.meta())
                 self.log.flush()
             if rc.eval_every and s % rc.eval_every == 0 and s < cfg.total_steps:
-                bar.write(f"eval @ step {s}: {format_metrics(self.evaluate())}")
+                bar.write(f"eval @ step {s}: {self.eval_line(self.evaluate())}")
         bar.close()
         profile.stop(self.state)  # a window past the last step of this process
         self.ckpt.wait()
@@ -322,10 +379,13 @@ class Run:
         summary["train_seconds"] = time.time() - t_start
         summary["steps_this_run"] = done_here
         if self.step >= cfg.total_steps:
-            if self.evaluator is not None:
+            if self.evaluator is not None or self.sts_evaluator is not None:
                 summary["eval_after"] = self.evaluate()
+                summary["eval_sts_after"] = self.last_sts
                 self.log.flush()
-                say(f"eval @ step {self.step}: {format_metrics(summary['eval_after'])}")
+                say(f"eval @ step {self.step}: {self.eval_line(summary['eval_after'])}")
+            if self.best is not None:
+                summary["best"] = self.best
             if rc.export:
                 summary["exported"] = str(self.export(self.out / "final"))
         return summary

@@ -1,0 +1,79 @@
+"""docs/evaluation.md's number tables, generated from the checked-in result files.
+
+    python benchmarks/doc_tables.py [--check]   # every generated table of docs/, these included
+
+- ``benchmarks/eval_sts_reference.json`` (``benchmarks/eval_sts_reference.py``): ours vs
+  EmbeddingSimilarityEvaluator per language, scores and seconds;
+- ``benchmarks/sts_recipe.json`` (``benchmarks/sts_recipe.py``), when present: the CoSENT recipe before/after.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+DOC = ROOT / "docs" / "evaluation.md"
+
+
+def reference_table(r: dict) -> str:
+    lines = [f"`python benchmarks/eval_sts_reference.py --languages {','.join(r['results'])}"
+             + (f" --max-pairs {r['max_pairs']}" if r.get("max_pairs") else "")
+             + f" --out benchmarks/eval_sts_reference.json` ({r['split']} split, our dtype {r['dtype']}, "
+             f"prompt {r['prompt_name']}, batch {r['batch_size']}; CPU: {r['cpu']}, {r['cpu_count']} cores, "
+             f"load average at start {r['load_average_start'][0]:.1f}: the box was shared, so the seconds are noisy)",
+             "",
+             "| language | pairs | distinct sentences | evaluate sts | EmbeddingSimilarityEvaluator | difference "
+             "| our seconds (compilations) | reference seconds | reference / ours |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for lang, x in r["results"].items():
+        lines.append(f"| {lang} | {x['pairs']} | {x['sentences']} | {x['ours']:.4f} | {x['reference']:.4f} | "
+                     f"{x['difference']:+.4f} | {x['ours_seconds']:.1f} ({x['ours_compilations']}) | "
+                     f"{x['reference_seconds']:.1f} | {x['reference_seconds'] / x['ours_seconds']:.2f}x |")
+    return "\n".join(lines)
+
+
+def recipe_table(r: dict) -> str:
+    lines = [f"Fine-tune: {r['description']}", "",
+             "| language | before | after | change |", "|---|---:|---:|---:|"]
+    for lang in r["before"]["results"]:
+        b, a = r["before"]["results"][lang]["spearman"], r["after"]["results"][lang]["spearman"]
+        lines.append(f"| {lang} | {b:.2f} | {a:.2f} | {a - b:+.2f} |")
+    b, a = r["before"]["mean"], r["after"]["mean"]
+    lines.append(f"| mean | {b:.2f} | {a:.2f} | {a - b:+.2f} |")
+    if r.get("retrieval_before"):
+        lines += ["", "| docstring retrieval (d=768) | before | after |", "|---|---:|---:|"]
+        for k in ("recall@1", "mrr@10", "ndcg@10"):
+            lines.append(f"| {k} | {r['retrieval_before']['768'][k]:.4f} | {r['retrieval_after']['768'][k]:.4f} |")
+    return "\n".join(lines)
+
+
+TABLES = {"STS_REFERENCE": ("eval_sts_reference.json", reference_table),
+          "STS_RECIPE": ("sts_recipe.json", recipe_table)}
+
+
+def blocks() -> dict[str, dict[str, str]]:
+    out = {}
+    for name, (file, fn) in TABLES.items():
+        path = ROOT / "benchmarks" / file
+        out[name] = fn(json.loads(path.read_text(encoding="utf-8"))) if path.is_file() else \
+            f"(no `benchmarks/{file}` yet: run the command above)"
+    return {"evaluation.md": out}
+
+
+def main(argv=None) -> int:
+    from doc_tables import sync
+
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--check", action="store_true", help="exit 1 if docs/evaluation.md is not what the files give")
+    a = ap.parse_args(argv)
+    stale = sync(blocks(), a.check)
+    print(("stale: " if a.check else "rewrote: ") + (", ".join(stale) or "nothing"))
+    return 1 if a.check and stale else 0
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(ROOT))
+    raise SystemExit(main())

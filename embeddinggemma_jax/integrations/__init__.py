@@ -1,0 +1,1 @@
+"""Adapters to other evaluation frameworks (optional extras)."""
