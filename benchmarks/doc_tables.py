@@ -68,11 +68,12 @@ def all_blocks() -> dict[str, dict[str, str]]:
     return pages
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def main(argv=None, blocks=all_blocks, description: str = __doc__.splitlines()[0]) -> int:
+    """``[--check]`` over ``blocks()``: every generator's command line (a generator passes its own)."""
+    ap = argparse.ArgumentParser(description=description)
     ap.add_argument("--check", action="store_true", help="exit 1 if a page is not what the result files give")
     a = ap.parse_args(argv)
-    stale = sync(all_blocks(), a.check)
+    stale = sync(blocks(), a.check)
     print(("stale (run python benchmarks/doc_tables.py): " if a.check else "rewrote: ") + (", ".join(stale) or "nothing"))
     return 1 if a.check and stale else 0
 

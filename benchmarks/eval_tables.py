@@ -9,7 +9,6 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
@@ -64,14 +63,9 @@ def blocks() -> dict[str, dict[str, str]]:
 
 
 def main(argv=None) -> int:
-    from doc_tables import sync
+    import doc_tables
 
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--check", action="store_true", help="exit 1 if docs/evaluation.md is not what the files give")
-    a = ap.parse_args(argv)
-    stale = sync(blocks(), a.check)
-    print(("stale: " if a.check else "rewrote: ") + (", ".join(stale) or "nothing"))
-    return 1 if a.check and stale else 0
+    return doc_tables.main(argv, blocks, __doc__.split("\n\n")[0])
 
 
 if __name__ == "__main__":

@@ -11,7 +11,6 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
@@ -21,7 +20,6 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from embeddinggemma_jax import quant  # noqa: E402
-from doc_tables import sync  # noqa: E402
 
 DOC = ROOT / "docs" / "quantization.md"
 KINDS = ("embed", "attn", "mlp", "head")
@@ -79,12 +77,9 @@ def blocks() -> dict[str, dict[str, str]]:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--check", action="store_true", help="exit 1 if docs/quantization.md is not what the files give")
-    a = ap.parse_args(argv)
-    stale = sync(blocks(), a.check)
-    print(("stale: " if a.check and stale else "ok: ") + str(DOC.relative_to(ROOT)))
-    return 1 if a.check and stale else 0
+    import doc_tables
+
+    return doc_tables.main(argv, blocks, __doc__.splitlines()[0])
 
 
 if __name__ == "__main__":

@@ -9,7 +9,6 @@ reproduces its file; the rows-per-chip table comes from `embeddinggemma_jax/v5e_
 
 from __future__ import annotations
 
-import argparse
 import json
 import re
 from pathlib import Path
@@ -124,14 +123,9 @@ def blocks() -> dict[str, dict[str, str]]:
 
 
 def main(argv=None) -> int:
-    from doc_tables import sync
+    import doc_tables
 
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--check", action="store_true", help="exit 1 if a page is not what the files give")
-    a = ap.parse_args(argv)
-    stale = sync(blocks(), a.check)
-    print(("stale: " if a.check else "rewrote: ") + (", ".join(stale) or "nothing"))
-    return 1 if a.check and stale else 0
+    return doc_tables.main(argv, blocks, __doc__.splitlines()[0])
 
 
 if __name__ == "__main__":
