@@ -517,6 +517,17 @@ def test_resume_keeps_a_users_metrics_lines_and_refuses_a_foreign_final_before_t
     assert run.step == 0 and not (ck.exists() and any(p.name.isdigit() for p in ck.iterdir()))
     run.close()
 
+    # --keep-best: a best.json that is not this run's record is refused before step 1, never replaced
+    other = tmp_path / "other"
+    run = Run(dataclasses.replace(_small_run(tiny_folder, train, out), output_dir=str(other), eval_file=str(train),
+                                  keep_best="mrr@10"))
+    other.mkdir(exist_ok=True)
+    (other / "best.json").write_text('{"my": "notes"}')
+    with pytest.raises(FileExistsError, match="best.json exists and is not the --keep-best record of this run"):
+        run.fit(say=lambda s: None)
+    assert (other / "best.json").read_text() == '{"my": "notes"}' and run.step == 0
+    run.close()
+
 
 def test_max_length_at_or_below_the_prompt_is_refused(tiny_folder):
     """Issue 26 #7: a --max-length that leaves no token after the prompt trained on the prompt alone."""

@@ -265,16 +265,28 @@ class Run:
         return True
 
     def check_final(self) -> None:
-        """Before the first step: an existing, non-empty ``final/`` that this package did not export is
-        refused now, not after the whole run."""
-        final = self.out / "final"
-        if not self.rc.export or not final.exists():
-            return
-        if not final.is_dir():
-            raise FileExistsError(f"{final} exists and is not a folder; move it away or pass --no-export")
-        if any(final.iterdir()) and not _is_exported(final):
-            raise FileExistsError(f"{final} exists and is not a model folder written by embeddinggemma-jax; the "
-                                  "run would fail to export at its end: move it away, or pass --no-export")
+        """Before the first step: an existing, non-empty ``final/`` (or, with ``--keep-best``, ``best/``) that
+        this package did not export, or a ``best.json`` that is not this run's, is refused now, not after
+        the whole run, and never replaced."""
+        folders = (["final"] if self.rc.export else []) + (["best"] if self.rc.keep_best else [])
+        for name in folders:
+            folder = self.out / name
+            if not folder.exists():
+                continue
+            if not folder.is_dir():
+                raise FileExistsError(f"{folder} exists and is not a folder; move it away")
+            if any(folder.iterdir()) and not _is_exported(folder):
+                raise FileExistsError(f"{folder} exists and is not a model folder written by embeddinggemma-jax; "
+                                      "the run would have to replace it: move it away")
+        record = self.out / "best.json"
+        if self.rc.keep_best and record.exists():
+            try:
+                ours = json.loads(record.read_text(encoding="utf-8")).get("metric") == self.rc.keep_best
+            except (ValueError, AttributeError, UnicodeDecodeError):
+                ours = False
+            if not ours or self.ckpt.latest_step() is None:
+                raise FileExistsError(f"{record} exists and is not the --keep-best record of this run; move it "
+                                      "away or use a new --output-dir")
 
     def evaluate(self) -> dict | None:
         """Retrieval metrics (``--eval-file``; returned) and STS (``--eval-sts``; ``self.last_sts``) of the
