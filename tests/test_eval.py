@@ -187,10 +187,9 @@ def real_reference(real_dev, st_model):
 @pytest.mark.real
 @pytest.mark.slow
 @pytest.mark.parametrize("dtype,tolerance", [("float32", 0.05), ("bfloat16", 0.3)])
-def test_real_sts_equals_embedding_similarity_evaluator(real_folder, real_dev, real_reference, dtype, tolerance):
-    from embeddinggemma_jax import EmbeddingGemma
-
-    model = EmbeddingGemma.from_pretrained(real_folder, dtype=dtype)
+def test_real_sts_equals_embedding_similarity_evaluator(request, real_dev, real_reference, dtype, tolerance):
+    # the session's real models (conftest), so no second load and the encode buckets are already compiled
+    model = request.getfixturevalue({"float32": "real_model", "bfloat16": "real_model_bf16"}[dtype])
     embed = sts.model_embedder(model, "STS")
     for lang, pairs in real_dev.items():
         r = sts.evaluate_pairs(embed, pairs, (768, 128))

@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -645,14 +646,15 @@ def test_two_processes_equal_one_and_survive_kill_9_and_restore_on_another_mesh(
 
     two = tmp_path / "two"
     _two_processes(_train_cmd(tiny_folder, train, two), cache, until=two / "checkpoints" / "2")
+    # the killed run's folder, as the two processes left it, also resumes in one process (below)
+    moved = tmp_path / "moved"
+    shutil.copytree(two, moved)
     _two_processes(_train_cmd(tiny_folder, train, two), cache)
     got = _losses(two)
     assert [s for s, _, _ in got] == [1, 2, 3, 4]  # each step once, though steps after 2 may have run twice
     np.testing.assert_allclose(np.asarray(got)[:, 1:], np.asarray(ref)[:, 1:], rtol=1e-5)
 
-    moved = tmp_path / "moved"
-    _two_processes(_train_cmd(tiny_folder, train, moved, "--stop-after", "2"), cache)
-    assert _losses(moved)[-1][0] == 2
+    assert (moved / "checkpoints" / "2").is_dir()
     r = subprocess.run(_train_cmd(tiny_folder, train, moved), env=_env(1, cache), capture_output=True, text=True,
                        timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
