@@ -22,6 +22,8 @@ is what the cuDNN full-layer path (key lengths) relies on.
 
 from __future__ import annotations
 
+from functools import partial
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -89,7 +91,10 @@ def _splash_kernel(L: int, num_heads: int, radius: int | None, interpret: bool):
 
     one = sa.LocalMask((L, L), (radius, radius), 0) if radius is not None else sa.FullMask((L, L))
     block = next(b for b in (4 * SPLASH_BLOCK, 2 * SPLASH_BLOCK, SPLASH_BLOCK) if L % b == 0)
-    sizes = sa.BlockSizes(block_q=block, block_kv=block, block_kv_compute=block)
+    # The backward blocks only matter to a gradient (the train step); dq and dk/dv in one fused kernel,
+    # as MaxText runs splash in training.
+    sizes = sa.BlockSizes(block_q=block, block_kv=block, block_kv_compute=block, block_q_dkv=block,
+                          block_kv_dkv=block, block_kv_dkv_compute=block, use_fused_bwd_kernel=True)
     return sa.make_splash_mha_single_device(sa.MultiHeadMask([one] * num_heads), block_sizes=sizes,
                                             interpret=interpret)
 
@@ -140,6 +145,45 @@ def _row_block(L: int, most: int = 512) -> int:
 
 def norm_rope_heads(x, norm_scale, cos, sin, eps: float, out_scale: float | None = None,
                     interpret: bool | None = None):
+    """``_norm_rope_pallas`` with a gradient: the forward is the Pallas pass, the backward the vjp of the
+    same arithmetic in XLA ops (``_norm_rope_xla``), so a train step can run the kernel (its forward
+    passes, the cached loss's first pass and remat's recompute included) and splash's own backward."""
+    return _norm_rope_vjp(eps, out_scale, interpret, x, norm_scale, cos, sin)
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
+def _norm_rope_vjp(eps, out_scale, interpret, x, norm_scale, cos, sin):
+    return _norm_rope_pallas(x, norm_scale, cos, sin, eps, out_scale, interpret)
+
+
+def _norm_rope_fwd(eps, out_scale, interpret, x, norm_scale, cos, sin):
+    return _norm_rope_pallas(x, norm_scale, cos, sin, eps, out_scale, interpret), (x, norm_scale, cos, sin)
+
+
+def _norm_rope_bwd(eps, out_scale, interpret, res, g):
+    _, vjp = jax.vjp(lambda *a: _norm_rope_xla(*a, eps, out_scale), *res)
+    return vjp(g)
+
+
+_norm_rope_vjp.defvjp(_norm_rope_fwd, _norm_rope_bwd)
+
+
+def _norm_rope_xla(x, norm_scale, cos, sin, eps: float, out_scale: float | None):
+    """What ``_norm_rope_pallas`` computes, in XLA ops with its roundings: [B, L, N, H] -> [B, N, L, H]."""
+    dt, f32, half = x.dtype, jnp.float32, x.shape[-1] // 2
+    xf = x.astype(f32)
+    y = (xf * jax.lax.rsqrt(jnp.mean(jnp.square(xf), -1, keepdims=True) + eps)
+         * (1.0 + norm_scale.astype(f32))).astype(dt)
+    c, s = cos[None, :, None, :half].astype(dt), sin[None, :, None, :half].astype(dt)
+    y1, y2 = y[..., :half], y[..., half:]
+    out = jnp.concatenate([y1 * c - y2 * s, y2 * c + y1 * s], axis=-1)
+    if out_scale is not None:
+        out = out * jnp.asarray(out_scale, dt)
+    return out.transpose(0, 2, 1, 3)
+
+
+def _norm_rope_pallas(x, norm_scale, cos, sin, eps: float, out_scale: float | None = None,
+                      interpret: bool | None = None):
     """x: [B, L, N, H] (a q or k projection) -> [B, N, L, H] in x's dtype: Gemma's RMSNorm over H (fp32,
     weight 1 + norm_scale, cast back), rotate-half RoPE (cos/sin: [L, H]) and, with ``out_scale``, the
     query scaling; the XLA path's ``RMSNorm``, ``apply_rope`` and scaling, op for op, in one Pallas pass.

@@ -74,6 +74,9 @@ class TrainConfig:
     remat_policy: str = option("full", "with remat: full recomputes each layer's forward; dots keeps the weight "
                                        "matmuls' outputs and recomputes the rest (more memory, less time)",
                                choices=["full", "dots"])
+    attention: str = option("xla", "attention kernel of the train step: xla, or splash (TPU; Pallas splash "
+                                   "attention with its backward kernels, and the fused q/k norm + RoPE pass; "
+                                   "interpret mode off a TPU)", choices=["xla", "splash"])
     dtype: str = option("bfloat16", "compute dtype (master parameters are float32)", choices=["bfloat16", "float32"])
     fsdp: bool = option(False, "shard parameters and optimiser state over the fsdp mesh axis")
     mesh_shape: tuple[int, int] | None = option(None, "DATA,FSDP mesh shape (default: all devices on one axis)",
@@ -82,6 +85,8 @@ class TrainConfig:
 
     def __post_init__(self):
         check_dtype(self.dtype)
+        if self.attention not in ("xla", "splash"):
+            raise ValueError(f"attention {self.attention!r} is unknown; use xla or splash")
         if self.remat_policy not in ("full", "dots"):
             raise ValueError(f"remat_policy {self.remat_policy!r} is unknown; use full or dots")
         if self.schedule not in ("linear", "cosine", "constant"):
@@ -269,7 +274,8 @@ def state_shardings(t: Trainable, params: dict, tx: optax.GradientTransformation
 
 def _embed(t: Trainable, cfg: TrainConfig, params, frozen, ids, mask, remat: bool):
     remat = cfg.remat_policy if remat and cfg.remat_policy != "full" else remat
-    return nnx.merge(t.graphdef, _with_params(t, params), frozen)(ids, mask, remat=remat)  # [rows, out] fp32
+    module = nnx.merge(t.graphdef, _with_params(t, params), frozen)
+    return module(ids, mask, impl=cfg.attention, remat=remat)  # [rows, out] fp32
 
 
 def loss_fn(t: Trainable, cfg: TrainConfig, dims, weights, params, frozen, qi, qm, di, dm, scores=None):
