@@ -1,7 +1,8 @@
-"""Every generated table in docs/: one registry, one block writer, one ``--check`` (run by .ci/run).
+"""Every generated table and chart in docs/: one registry, one writer, one ``--check`` (run by .ci/run).
 
 A generated table sits between ``<!-- NAME -->`` and ``<!-- /NAME -->`` in a page; its body comes from
-checked-in result files through the ``blocks()`` function of the script that produces those files.
+checked-in result files through the ``blocks()`` function of the script that produces those files. A chart
+is a whole file under docs/ (SVG), from a generator's ``files()`` (``doc_charts.py``).
 
     python benchmarks/doc_tables.py [--check]     # rewrite every block (or: exit 1 naming the stale ones)
 """
@@ -20,7 +21,7 @@ for p in (ROOT, ROOT / "benchmarks"):
 
 # the scripts whose results feed tables; each has blocks() -> {page name: {block name: markdown}}
 GENERATORS = ("tpu_tables", "quant_tables", "quant_sts", "serve_limits_probe", "gcs_commit", "train_throughput",
-              "eval_tables")
+              "eval_tables", "plan_hosts", "doc_charts")
 
 
 def replace_block(text: str, tag: str, body: str) -> str:
@@ -37,7 +38,7 @@ def sync(pages: dict[str, dict[str, str]], check: bool) -> list[str]:
 
     stale = []
     for page, blocks in pages.items():
-        path = DOCS / page
+        path = (DOCS / page).resolve()  # "../README.md": the README
         text = path.read_text(encoding="utf-8")
         new = text
         for tag, body in blocks.items():
@@ -52,28 +53,56 @@ def sync(pages: dict[str, dict[str, str]], check: bool) -> list[str]:
     return stale
 
 
-def all_blocks() -> dict[str, dict[str, str]]:
+def sync_files(files: dict[str, str], check: bool) -> list[str]:
+    """Rewrite (or, with ``check``, only compare) whole generated files under docs/."""
+    from embeddinggemma_jax.io_utils import atomic_write_bytes
+
+    stale = []
+    for rel, text in files.items():
+        path = (DOCS / rel).resolve()
+        if not path.exists() or path.read_text(encoding="utf-8") != text:
+            stale.append(str(path.relative_to(ROOT)))
+            if not check:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                atomic_write_bytes(path, text.encode("utf-8"))
+    return stale
+
+
+def _generators():
     import importlib
 
-    pages: dict[str, dict[str, str]] = {}
     for name in GENERATORS:
         try:
-            module = importlib.import_module(name)
+            yield importlib.import_module(name)
         except ModuleNotFoundError as e:
-            if e.name == name:  # a generator not in this checkout
-                continue
-            raise
-        for page, blocks in module.blocks().items():
+            if e.name != name:  # a generator not in this checkout is skipped; a missing import of one is not
+                raise
+
+
+def all_blocks() -> dict[str, dict[str, str]]:
+    pages: dict[str, dict[str, str]] = {}
+    for module in _generators():
+        for page, blocks in getattr(module, "blocks", dict)().items():
             pages.setdefault(page, {}).update(blocks)
     return pages
 
 
-def main(argv=None, blocks=all_blocks, description: str = __doc__.splitlines()[0]) -> int:
-    """``[--check]`` over ``blocks()``: every generator's command line (a generator passes its own)."""
+def all_files() -> dict[str, str]:
+    out: dict[str, str] = {}
+    for module in _generators():
+        out.update(getattr(module, "files", dict)())
+    return out
+
+
+def main(argv=None, blocks=all_blocks, description: str = __doc__.splitlines()[0], files=None) -> int:
+    """``[--check]`` over ``blocks()`` and ``files()``: every generator's command line (a generator passes
+    its own; this script's own run covers them all)."""
     ap = argparse.ArgumentParser(description=description)
     ap.add_argument("--check", action="store_true", help="exit 1 if a page is not what the result files give")
     a = ap.parse_args(argv)
-    stale = sync(blocks(), a.check)
+    if files is None:
+        files = all_files if blocks is all_blocks else dict
+    stale = sync(blocks(), a.check) + sync_files(files(), a.check)
     print(("stale (run python benchmarks/doc_tables.py): " if a.check else "rewrote: ") + (", ".join(stale) or "nothing"))
     return 1 if a.check and stale else 0
 

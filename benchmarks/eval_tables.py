@@ -34,8 +34,31 @@ def reference_table(r: dict) -> str:
     return "\n".join(lines)
 
 
+def speed_table(r: dict) -> str:
+    """README's short form of the reference table: scores and seconds per language."""
+    lines = ["| language | pairs | evaluate sts | EmbeddingSimilarityEvaluator | our seconds | reference seconds |",
+             "|---|---:|---:|---:|---:|---:|"]
+    for lang, x in r["results"].items():
+        lines.append(f"| {lang} | {x['pairs']} | {x['ours']:.4f} | {x['reference']:.4f} | {x['ours_seconds']:.0f} | "
+                     f"{x['reference_seconds']:.0f} |")
+    return "\n".join(lines) + (f"\n\n({r['dtype']}, CPU {r['cpu']} x {r['cpu_count']}, shared; "
+                                "`python benchmarks/eval_sts_reference.py --languages "
+                                f"{','.join(r['results'])}" + (f" --max-pairs {r['max_pairs']}" if r.get("max_pairs")
+                                                               else "") + " --out benchmarks/eval_sts_reference.json`)")
+
+
 def recipe_table(r: dict) -> str:
-    lines = [f"Fine-tune: {r['description']}", "",
+    pairs = f"the first {r['eval_pairs']} dev pairs" if r.get("eval_pairs") else "the whole dev split"
+    lines = [f"Fine-tune: {r['description']}; STS-B Spearman x 100 on {pairs} of each language, fp32, "
+             f"before and after ({r['train_seconds'] / 60:.0f} min of training, {r['seconds'] / 60:.0f} min in all). "
+             "Reproduce:", "",
+             "```bash",
+             f"python benchmarks/sts_recipe.py --languages {r['languages']} --steps {r['steps']} --batch-size "
+             f"{r['batch_size']}" + (f" --eval-pairs {r['eval_pairs']}" if r.get("eval_pairs") else "")
+             + " --out benchmarks/sts_recipe.json",
+             "# which runs, between the evaluations:",
+             r["command"].replace(r.get("run_dir", "\0"), "RUN"),
+             "```", "",
              "| language | before | after | change |", "|---|---:|---:|---:|"]
     for lang in r["before"]["results"]:
         b, a = r["before"]["results"][lang]["spearman"], r["after"]["results"][lang]["spearman"]
@@ -53,13 +76,20 @@ TABLES = {"STS_REFERENCE": ("eval_sts_reference.json", reference_table),
           "STS_RECIPE": ("sts_recipe.json", recipe_table)}
 
 
-def blocks() -> dict[str, dict[str, str]]:
+README = {"STS_SPEED": ("eval_sts_reference.json", speed_table), "STS_RECIPE": ("sts_recipe.json", recipe_table)}
+
+
+def _tables(tables: dict) -> dict[str, str]:
     out = {}
-    for name, (file, fn) in TABLES.items():
+    for name, (file, fn) in tables.items():
         path = ROOT / "benchmarks" / file
         out[name] = fn(json.loads(path.read_text(encoding="utf-8"))) if path.is_file() else \
             f"(no `benchmarks/{file}` yet: run the command above)"
-    return {"evaluation.md": out}
+    return out
+
+
+def blocks() -> dict[str, dict[str, str]]:
+    return {"evaluation.md": _tables(TABLES), "../README.md": _tables(README)}
 
 
 def main(argv=None) -> int:

@@ -9,7 +9,8 @@
 3. ``train --loss cosent --score-field score --query-prompt STS --document-prompt STS`` for ``--steps`` steps;
 4. the same evaluations on ``OUTPUT/final``.
 
-Writes the JSON after each phase; ``benchmarks/eval_tables.py`` turns it into docs/evaluation.md's table.
+Writes the JSON after each phase (with the loss curve of the run); ``benchmarks/eval_tables.py`` turns it into
+docs/evaluation.md's table, ``benchmarks/doc_charts.py`` the curve into docs/img/fine-tuning-curve.svg.
 """
 
 from __future__ import annotations
@@ -41,6 +42,12 @@ def evaluate(model_path: str, args, docstring_records) -> tuple[dict, dict]:
     r = retrieval.run_retrieval(embed, docstring_records, (768, 128))
     print(retrieval.format_metrics(r["by_dimension"]), flush=True)
     return s, r["by_dimension"]
+
+
+def curve(run_dir: Path) -> list[dict]:
+    """The run's logged training steps (``metrics.jsonl``): step, loss, learning rate; docs/img's chart."""
+    recs = [json.loads(x) for x in (Path(run_dir) / "metrics.jsonl").read_text().splitlines() if x.strip()]
+    return [{"step": r["step"], "loss": r["loss"], "lr": r.get("lr")} for r in recs if "loss" in r]
 
 
 def main(argv=None) -> int:
@@ -77,13 +84,15 @@ def main(argv=None) -> int:
     out = {"description": f"CoSENT, {args.steps} steps of {args.batch_size} pairs from the STS-B train split of "
                           f"{args.languages} (lr {args.lr}, bf16 compute), on a CPU",
            "command": "embeddinggemma-jax " + " ".join(train_cmd), "languages": args.languages,
-           "eval_pairs": args.eval_pairs, "retrieval_pairs": len(docs)}
+           "eval_pairs": args.eval_pairs, "retrieval_pairs": len(docs), "steps": args.steps,
+           "batch_size": args.batch_size, "run_dir": str(run_dir)}
     t0 = time.time()
     out["before"], out["retrieval_before"] = evaluate(str(hub.resolve(args.model)), args, docs)
     atomic_write_json(Path(args.out), out)
     t1 = time.time()
     subprocess.run(cli + train_cmd, check=True)
     out["train_seconds"] = time.time() - t1
+    out["curve"] = curve(run_dir)
     out["after"], out["retrieval_after"] = evaluate(str(run_dir / "final"), args, docs)
     out["seconds"] = time.time() - t0
     atomic_write_json(Path(args.out), out)
