@@ -59,13 +59,12 @@ from embeddinggemma_jax.batching import (
     PlannedBatch,
     buckets_for,
     padding_efficiency,
-    round_rows,
 )
 from embeddinggemma_jax.errors import BadRecordError, JobError, VerifyError
 from embeddinggemma_jax.hub import DEFAULT_MODEL
 from embeddinggemma_jax.options import ints, option
 from embeddinggemma_jax.quant import MODE_NAMES
-from embeddinggemma_jax.topologies import TOPOLOGIES
+from embeddinggemma_jax.topologies import TOPOLOGIES, rows_table
 
 MANIFEST = "manifest.json"
 JOB = "job.json"
@@ -149,13 +148,6 @@ def model_hash(folder) -> str:
     for p in sorted(q for q in folder.rglob("*") if q.is_file()):
         h.update(f"{p.relative_to(folder).as_posix()}\0{sha256_file(p)}\n".encode())
     return h.hexdigest()
-
-
-def rows_table(topo, buckets, tokens_per_device) -> dict[int, int]:
-    """Rows per device for each bucket: the topology's table, else the token budget / length (TPU-rounded)."""
-    table = dict(topo.rows_per_chip) if topo is not None and tokens_per_device is None else {}
-    budget = tokens_per_device or (topo.tokens_per_chip if topo is not None else 16384)
-    return {L: int(table.get(L) or round_rows(max(1, budget // L))) for L in buckets}
 
 
 @dataclass
