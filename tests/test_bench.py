@@ -59,3 +59,19 @@ def test_bench_refuses_unknown_engine(tiny_folder, capsys):
     assert main(["bench", "--model", str(tiny_folder), "--engines", "jax-float16"]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "unknown engine 'jax-float16'; choose from jax-float32" in err[0], err
+
+
+def test_bench_without_sentence_transformers_says_which_extra(tiny_folder, capsys, monkeypatch):
+    """From a wheel without the bench extra, the st engine is refused in one line before anything loads; the
+    JAX engines alone do not need it."""
+    import importlib.util
+
+    from embeddinggemma_jax.bench import speed
+    from embeddinggemma_jax.cli import main
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda m, *a: None if m == "sentence_transformers" else real(m, *a))
+    assert main(["bench", "--model", str(tiny_folder / "absent"), "--engines", "st-float32"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "pip install 'embeddinggemma-jax[bench]'" in err[0] and "sentence_transformers" in err[0]
+    speed.check_st_installed(("jax-float32", "jax-bfloat16"))  # no st engine: nothing to refuse

@@ -7,7 +7,7 @@ import argparse
 from dataclasses import dataclass
 from pathlib import Path
 
-from embeddinggemma_jax.bench import parse_max_batch_tokens
+from embeddinggemma_jax.batching import parse_max_batch_tokens
 from embeddinggemma_jax.hub import DEFAULT_MODEL
 from embeddinggemma_jax.options import check_ranges, option
 from embeddinggemma_jax.quant import MODE_NAMES
