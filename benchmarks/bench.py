@@ -1,6 +1,6 @@
 """Side-by-side benchmark, runnable from a checkout: ``python benchmarks/bench.py [--json] ...``.
 
-The same as ``embeddinggemma-jax bench``; see ``embeddinggemma_jax/bench.py`` for what it measures.
+The same as ``embeddinggemma-jax bench``; see ``embeddinggemma_jax/bench/speed.py`` for what it measures.
 """
 
 import sys

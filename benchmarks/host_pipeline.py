@@ -1,7 +1,7 @@
 """The batch job's host side alone: read + tokenise + plan + pad + write, the device step a no-op.
 
-Runs `embed`'s own pipeline (``batch.job.run_embed``: reader and writer threads included) with
-``batch.job.step`` replaced by one that pads every batch as the real step does and returns unit vectors
+Runs `embed`'s own pipeline (``batch.pipeline.run_embed``: reader and writer threads included) with
+``Stages(step=...)``: a step that pads every batch as the real step does and returns unit vectors
 without touching a device. Prints tokens/s (wall) and tokens per CPU-second (all threads of this
 process: tokens/s per core), the number to compare with a chip's projected tokens/s.
 
@@ -47,10 +47,10 @@ def main(argv=None):
         clock["cpu0"] = time.process_time()  # CPU time from here on: the pipeline, not the model load
         return ctx
 
-    job.step, job.setup = noop_step, timed_setup
     with tempfile.TemporaryDirectory() as d:
         s = job.run_embed(job.EmbedOptions(model=a.model, inputs=[a.input], output=d + "/out", unit_size=a.unit_size,
-                                           tokens_per_device=a.tokens_per_device, progress=False))
+                                           tokens_per_device=a.tokens_per_device, progress=False),
+                          job.Stages(setup=timed_setup, step=noop_step))
         cpu = time.process_time() - clock["cpu0"]
     print(f"{s['records']:,} records, {s['tokens']:,} tokens: {s['tokens'] / s['wall_seconds']:,.0f} tokens/s wall "
           f"({s['wall_seconds']:.1f} s), {s['tokens'] / cpu:,.0f} tokens per CPU-second ({cpu:.1f} CPU-s), padding efficiency {s['padding_efficiency_this_run']}")

@@ -33,7 +33,7 @@ COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "collective-permute
 def model_summary(result: dict) -> dict:
     """Compiled FLOPs over the forward's, and the compute / HBM time of the step, from a train result."""
     from embeddinggemma_jax.costs import flops_per_token
-    from embeddinggemma_jax.tpu_compile import model_configs
+    from embeddinggemma_jax.tpu_aot import model_configs
 
     enc, _ = model_configs(None)
     b = result["buckets"][0]
@@ -54,7 +54,8 @@ def model_summary(result: dict) -> dict:
 def op_breakdown(hlo_text: str, length: int) -> dict:
     """{(pass, kind): {"seconds", "flops", "bytes", "ops"}} over the roofline's costed ops."""
     from embeddinggemma_jax.config import EncoderConfig
-    from embeddinggemma_jax.tpu_compile import _parse, hlo_roofline, layer_branch_shares
+    from embeddinggemma_jax.roofline import _parse, hlo_roofline
+    from embeddinggemma_jax.tpu_aot import layer_branch_shares
 
     roof = hlo_roofline(hlo_text, ops=True, branch_shares=layer_branch_shares(EncoderConfig()))
     comps, _ = _parse(hlo_text)
@@ -120,7 +121,7 @@ def compare(paths: list[str]) -> str:
 def _load(path) -> dict:
     result = json.loads(Path(path).read_text())
     if "buckets" not in result:  # a probe of tpu/compiled/train-search (one row with its slice's fields)
-        from embeddinggemma_jax.tpu_compile import V5E_HBM_BANDWIDTH, V5E_PEAK_FLOPS
+        from embeddinggemma_jax.roofline import V5E_HBM_BANDWIDTH, V5E_PEAK_FLOPS
 
         result = {"config": result["config"], "chips": result["chips"], "peak_flops": V5E_PEAK_FLOPS,
                   "hbm_bandwidth": V5E_HBM_BANDWIDTH, "buckets": [result]}

@@ -1,6 +1,6 @@
 """The sentence-transformers (PyTorch) side of the benchmark: one engine in a fresh process.
 
-Run by ``embeddinggemma_jax.bench`` (``embeddinggemma-jax bench``); it writes the same JSON
+Run by ``embeddinggemma_jax.bench.speed`` (``embeddinggemma-jax bench``); it writes the same JSON
 fields as the JAX worker. sentence-transformers pads each batch to its longest text (after
 sorting by length), so its padding is already minimal.
 

@@ -70,6 +70,15 @@ def resolve_max_batch_tokens(value="auto", cpu: int = CPU_MAX_BATCH_TOKENS) -> i
     raise ValueError(f"max_batch_tokens must be a positive integer, None (no cap) or 'auto', got {value!r}")
 
 
+def parse_max_batch_tokens(text: str) -> int | None | str:
+    """'auto' (the package's default for the backend), 'none' (no cap) or a positive integer."""
+    if text in ("auto", "none"):
+        return None if text == "none" else text
+    if not text.isdigit() or int(text) < 1:
+        raise ValueError(f"--max-batch-tokens must be 'auto', 'none' or a positive integer, got {text!r}")
+    return int(text)
+
+
 def round_rows(n: int) -> int:
     """A row count TPUs like: a multiple of 8 (sublanes) when possible, else a power of two; at least 1."""
     if n >= 8:
@@ -217,4 +226,5 @@ class BatchPlanner:
 
 __all__ = ["BatchPlanner", "Batch", "PlannedBatch", "DEFAULT_LENGTH_BUCKETS", "TRAIN_LENGTH_BUCKETS",
            "JOB_LENGTH_BUCKETS", "CPU_MAX_BATCH_TOKENS", "buckets_for", "bucket_length", "allowed_rows",
-           "pad_rows", "padding_efficiency", "plan_efficiency", "resolve_max_batch_tokens", "round_rows"]
+           "pad_rows", "padding_efficiency", "parse_max_batch_tokens", "plan_efficiency", "resolve_max_batch_tokens",
+           "round_rows"]

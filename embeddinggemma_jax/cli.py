@@ -194,12 +194,12 @@ COMMANDS: tuple[Command, ...] = (
             "evaluate sts: Spearman x 100 between cosine and gold score per language of the STS Benchmark files "
             "(stsb-LANG-SPLIT.csv); evaluate retrieval: recall@1/@10, MRR@10, nDCG@10 of query -> positive pairs; "
             "evaluate sts-to-jsonl: STS-B CSV -> training JSONL."),
-    Command("bench", "benchmark this package against sentence-transformers, side by side", "embeddinggemma_jax.bench",
-            "add_bench_arguments", "cmd_bench", "BENCH_DESCRIPTION"),
+    Command("bench", "benchmark this package against sentence-transformers, side by side",
+            "embeddinggemma_jax.bench.speed", "add_bench_arguments", "cmd_bench", "BENCH_DESCRIPTION"),
     Command("serve", "serve an OpenAI-compatible /v1/embeddings API (and TEI's /embed)", "embeddinggemma_jax.serve.cli",
             "add_serve_arguments", "cmd_serve", "SERVE_DESCRIPTION"),
     Command("serve-bench", "benchmark the server under concurrent load against offline encode",
-            "embeddinggemma_jax.serve.bench", "add_serve_bench_arguments", "cmd_serve_bench",
+            "embeddinggemma_jax.bench.serve", "add_serve_bench_arguments", "cmd_serve_bench",
             "SERVE_BENCH_DESCRIPTION"),
     Command("tpu-configs", "print or write the TPU v5e topology configs (tpu/configs)", "", "add_tpu_configs_arguments",
             "cmd_tpu_configs", "The mesh, dtype, buckets and rows per chip of every v5e slice, as used by embed "

@@ -110,13 +110,13 @@ def _show(v) -> str:
     return "none" if v is None else str(v)
 
 
-def read_config(path: str | Path, cls) -> dict[str, Any]:
+def read_config(path: str | Path, cls, ignore: tuple[str, ...] = ()) -> dict[str, Any]:
     """The values of a JSON config file for ``cls`` (keys: flag names with underscores; keys starting
-    with ``_`` are comments). One-line errors name the file."""
+    with ``_`` are comments; keys in ``ignore`` are another reader's and left out). One-line errors name the file."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"config file {path} does not exist")
-    values = {k: v for k, v in read_json(path, expect=dict).items() if not k.startswith("_")}
+    values = {k: v for k, v in read_json(path, expect=dict).items() if not k.startswith("_") and k not in ignore}
     known = {fl.key for fl in _flags(cls)}
     unknown = sorted(set(values) - known)
     if unknown:

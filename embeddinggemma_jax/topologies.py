@@ -153,6 +153,15 @@ def get(name: str) -> Topology:
     return TOPOLOGIES[name]
 
 
+def rows_table(topo: Topology | None, buckets, tokens_per_device: int | None) -> dict[int, int]:
+    """Rows per device for each bucket, as the batch job, its planner and ``tpu-compile`` use them: the
+    topology's table, else the token budget (``tokens_per_device``, the topology's, else 16384) / length
+    (TPU-rounded)."""
+    table = dict(topo.rows_per_chip) if topo is not None and tokens_per_device is None else {}
+    budget = tokens_per_device or (topo.tokens_per_chip if topo is not None else 16384)
+    return {L: int(table.get(L) or round_rows(max(1, budget // L))) for L in buckets}
+
+
 def arithmetic_table(memory: dict[int, dict] | None = None) -> str:
     """The markdown table in docs/tpu.md: per bucket, the two compiled points, the fit, the rows it
     allows under the HBM margin, the token budget's rows and the choice."""

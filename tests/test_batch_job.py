@@ -59,9 +59,10 @@ def cli(*args) -> list[str]:
 
 def slow_step_cli(*args, delay: float = 0.3) -> list[str]:
     """``cli(*args)`` with the job's device step made ``delay`` seconds slower per round."""
-    code = ("import sys, time; from embeddinggemma_jax.batch import job; step = job.step; "
-            f"job.step = lambda *a: (time.sleep({delay}), step(*a))[1]; "
-            "from embeddinggemma_jax.cli import main; sys.exit(main())")
+    code = ("import sys, time; from embeddinggemma_jax.batch import pipeline; "
+            "from embeddinggemma_jax.batch.cli import cmd_embed; from embeddinggemma_jax.cli import build_parser; "
+            f"slow = lambda *a: (time.sleep({delay}), pipeline.step(*a))[1]; "
+            "sys.exit(cmd_embed(build_parser('embed').parse_args(sys.argv[1:]), pipeline.Stages(step=slow)))")
     return [sys.executable, "-c", code, *map(str, args)]
 
 
@@ -523,22 +524,20 @@ def test_two_processes_sigkill_then_rerun_is_identical(tiny_folder, cache, tmp_p
     assert output_files(out) == expected
 
 
-def test_host_work_overlaps_the_device_step(tiny_folder, tmp_path, monkeypatch):
+def test_host_work_overlaps_the_device_step(tiny_folder, tmp_path):
     """Tokenising (the reader thread) and the device step each made 0.5 s slower per unit: the run
     grows by about max(host, device) = 8 x 0.5 s, not by their sum (8 s)."""
     from embeddinggemma_jax.batch import job
 
     corpus = write_corpus(tmp_path / "c.jsonl", n=128, seed=2)  # 8 units of 16
 
-    def run(name):
+    def run(name, stages=job.Stages()):
         return run_embed(EmbedOptions(model=str(tiny_folder), inputs=[str(corpus)], output=str(tmp_path / name),
-                                      id_field="id", **FAST))
+                                      id_field="id", **FAST), stages)
 
     base = run("base")
-    slow_tok, slow_step = job.tokenize_unit, job.step
-    monkeypatch.setattr(job, "tokenize_unit", lambda ctx, u: (time.sleep(0.5), slow_tok(ctx, u))[1])
-    monkeypatch.setattr(job, "step", lambda ctx, rnd, stats: (time.sleep(0.5), slow_step(ctx, rnd, stats))[1])
-    slow = run("slow")
+    slow = run("slow", job.Stages(tokenize=lambda ctx, u: (time.sleep(0.5), job.tokenize_unit(ctx, u))[1],
+                                  step=lambda ctx, rnd, stats: (time.sleep(0.5), job.step(ctx, rnd, stats))[1]))
     extra = slow["wall_seconds"] - base["wall_seconds"]
     print(f"wall {base['wall_seconds']:.2f} s -> {slow['wall_seconds']:.2f} s with 4 s host + 4 s device added")
     assert slow["wall_seconds"] >= 4.0 and extra <= 6.0, extra  # serial would add 8 s

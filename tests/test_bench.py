@@ -59,3 +59,41 @@ def test_bench_refuses_unknown_engine(tiny_folder, capsys):
     assert main(["bench", "--model", str(tiny_folder), "--engines", "jax-float16"]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "unknown engine 'jax-float16'; choose from jax-float32" in err[0], err
+
+
+def test_bench_without_sentence_transformers_says_which_extra(tiny_folder, capsys, monkeypatch):
+    """From a wheel without the bench extra, the st engine is refused in one line before anything loads; the
+    JAX engines alone do not need it."""
+    import importlib.util
+
+    from embeddinggemma_jax.bench import speed
+    from embeddinggemma_jax.cli import main
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda m, *a: None if m == "sentence_transformers" else real(m, *a))
+    assert main(["bench", "--model", str(tiny_folder / "absent"), "--engines", "st-float32"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "pip install 'embeddinggemma-jax[bench]'" in err[0] and "sentence_transformers" in err[0]
+    speed.check_st_installed(("jax-float32", "jax-bfloat16"))  # no st engine: nothing to refuse
+
+
+def test_no_runtime_module_imports_the_benchmark_package():
+    """``embeddinggemma_jax.bench`` is reached only through the CLI registry (a module name, imported when
+    ``bench`` / ``serve-bench`` runs): no other module of the package imports it."""
+    import ast
+
+    pkg = REPO / "embeddinggemma_jax"
+    importers = set()
+    for p in pkg.rglob("*.py"):
+        if (pkg / "bench") in p.parents:
+            continue
+        for n in ast.walk(ast.parse(p.read_text(encoding="utf-8"))):
+            names = [a.name for a in n.names] if isinstance(n, ast.Import) else \
+                [f"{n.module}.{a.name}" for a in n.names] if isinstance(n, ast.ImportFrom) and n.module else []
+            if any(x == "embeddinggemma_jax.bench" or x.startswith("embeddinggemma_jax.bench.") for x in names):
+                importers.add(p.relative_to(REPO).as_posix())
+    assert importers == set(), importers
+    from embeddinggemma_jax.cli import COMMANDS
+
+    assert {c.module for c in COMMANDS if c.name in ("bench", "serve-bench")} == {
+        "embeddinggemma_jax.bench.speed", "embeddinggemma_jax.bench.serve"}

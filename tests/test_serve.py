@@ -6,7 +6,7 @@ runs each text in the one batch shape of its length bucket while ``encode`` pick
 call, and XLA:CPU's last bits depend on the shape, so vectors are compared with a bound (normalised:
 max abs difference 1e-6 on the tiny model; cosine >= 0.99999 as the issue asks), while a text's answer
 alone and under 32 concurrent clients must agree bit for bit. Ordering tests hold the worker with a
-gate file (``--test-step-gate``) and read queue depths from /metrics, so nothing depends on timing.
+gate file (a step gate passed to ``cmd_serve``) and read queue depths from /metrics, so nothing depends on timing.
 """
 
 from __future__ import annotations
@@ -44,10 +44,18 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-class Server:
-    """``embeddinggemma-jax serve`` in a subprocess; ``wait_ready`` polls GET /ready."""
+# A server whose worker takes no batch while the file ``gate`` exists: ``cmd_serve`` with a step gate (the
+# test's hook, injected; the command line has no such flag).
+GATED_SERVE = ("import pathlib, sys; from embeddinggemma_jax.cli import build_parser; "
+               "from embeddinggemma_jax.serve.cli import cmd_serve; gate = pathlib.Path(sys.argv[1]); "
+               "sys.exit(cmd_serve(build_parser('serve').parse_args(sys.argv[2:]), step_gate=gate.exists))")
 
-    def __init__(self, folder, tmp: Path, *args: str, env_cache: Path | None = None, extra_env: dict | None = None):
+class Server:
+    """``embeddinggemma-jax serve`` in a subprocess; ``wait_ready`` polls GET /ready. ``gate``: a file; while it
+    exists the worker takes no batch (``GATED_SERVE``)."""
+
+    def __init__(self, folder, tmp: Path, *args: str, env_cache: Path | None = None, extra_env: dict | None = None,
+                 gate: Path | None = None):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = tmp / f"server-{self.port}.log"
@@ -57,9 +65,11 @@ class Server:
             env[CACHE_ENV] = str(env_cache)
         env.update(extra_env or {})
         self._log = open(self.log_path, "w")
-        self.proc = subprocess.Popen([sys.executable, "-m", "embeddinggemma_jax.cli", "serve", "--model", str(folder),
-                                      "--port", str(self.port), *args], stdout=self._log, stderr=subprocess.STDOUT,
-                                     env=env, cwd=REPO)
+        launch = [sys.executable, "-c", GATED_SERVE, str(gate)] if gate else [sys.executable, "-m",
+                                                                              "embeddinggemma_jax.cli"]
+        self.gate = gate
+        self.proc = subprocess.Popen([*launch, "serve", "--model", str(folder), "--port", str(self.port), *args],
+                                     stdout=self._log, stderr=subprocess.STDOUT, env=env, cwd=REPO)
         self.http = httpx.Client(base_url=self.url, timeout=120)
 
     def log(self) -> str:
@@ -140,9 +150,7 @@ def gated(tiny_folder, tmp_path_factory, serve_cache):
     """A server whose worker takes no batch while ``gate`` exists, with a queue of 12 texts (the batch shapes
     are the other server's, so they come from the compilation cache)."""
     tmp = tmp_path_factory.mktemp("gated")
-    s = Server(tiny_folder, tmp, "--max-inputs", "4", "--max-queue", "12", "--test-step-gate", str(tmp / "gate"),
-               env_cache=serve_cache)
-    s.gate = tmp / "gate"
+    s = Server(tiny_folder, tmp, "--max-inputs", "4", "--max-queue", "12", gate=tmp / "gate", env_cache=serve_cache)
     s.wait_ready()
     yield s
     s.gate.unlink(missing_ok=True)

@@ -147,10 +147,8 @@ def test_key_file_bom_and_non_ascii(tmp_path):
 def limited(tiny_folder, tmp_path_factory, serve_cache):
     tmp = tmp_path_factory.mktemp("limited")
     (tmp / "keys").write_bytes(b"\xef\xbb\xbf" + BOM_KEY.encode() + b"\n")
-    s = Server(tiny_folder, tmp, *LIMITS, "--api-key-file", str(tmp / "keys"), "--test-step-gate", str(tmp / "gate"),
-               env_cache=serve_cache)
+    s = Server(tiny_folder, tmp, *LIMITS, "--api-key-file", str(tmp / "keys"), gate=tmp / "gate", env_cache=serve_cache)
     s.http.headers["Authorization"] = f"Bearer {BOM_KEY}"
-    s.gate = tmp / "gate"
     s.wait_ready()
     yield s
     s.gate.unlink(missing_ok=True)

@@ -17,7 +17,7 @@ if not backend.installed("libtpu"):
         pytest.fail("libtpu is not installed; the test extra brings it (jax[tpu])", pytrace=False)
     pytest.skip("libtpu not installed (pip install -e '.[test]')", allow_module_level=True)
 
-from embeddinggemma_jax import tpu_compile as tc  # noqa: E402
+from embeddinggemma_jax import tpu_compile as tc  # noqa: E402 - the CLI module re-exports tpu_aot and roofline
 from embeddinggemma_jax.config import EncoderConfig  # noqa: E402
 from embeddinggemma_jax.costs import flops_per_token  # noqa: E402
 from embeddinggemma_jax.errors import InputError  # noqa: E402
@@ -48,7 +48,11 @@ def test_roofline_counts_a_matmul_and_every_loop_iteration():
     seven = tc.hlo_roofline(jax.jit(loop).lower(a, w2).compile().as_text())
     assert seven["flops"] == 7 * 2 * 1024 * 768 * 768
     assert 7 in [lp["trip_count"] for lp in seven["loops"]]
-    assert seven["seconds"] >= seven["flops"] / tc.V5E_PEAK_FLOPS
+    # the projected time is the sum of its ops' times, the loop body's ops counted 7 times
+    ops = tc.hlo_roofline(jax.jit(loop).lower(a, w2).compile().as_text(), ops=True)["ops"]
+    assert sum(o["seconds"] for o in ops) == pytest.approx(seven["seconds"])
+    assert [o["flops"] for o in ops if o["flops"]] == [7 * 2 * 1024 * 768 * 768] and \
+        [o["times"] for o in ops if o["flops"]] == [7]
 
     # int8 x int8 -> int32 (--quantize int8) runs at the MXU's int8 peak, twice bf16's
     a8 = jax.ShapeDtypeStruct((4096, 4096), jnp.int8, sharding=s)
@@ -232,6 +236,26 @@ def test_a_program_over_hbm_is_reported_with_the_compilers_count():
     need = tc.out_of_hbm(e.value)
     assert need is not None and need > 16 * GIB, str(e.value)[:300]
     assert tc.out_of_hbm(ValueError("something else")) is None
+
+
+def test_train_chips_from_the_configs_contents(tmp_path):
+    """``tpu-compile --train``'s slice: the mesh, else the config's ``chips`` key, else the file name (said)."""
+    cfg = tmp_path / "mine.json"
+    cfg.write_text(json.dumps({"batch_size": 16, tc.CHIPS_KEY: 8}))
+    assert tc.train_config_chips(cfg, None, log=pytest.fail) == 8
+    assert tc.train_config_chips(cfg, (2, 4), log=pytest.fail) == 8
+    with pytest.raises(ValueError, match="make them agree"):
+        tc.train_config_chips(cfg, (4, 1))
+    cfg.write_text(json.dumps({"batch_size": 16, tc.CHIPS_KEY: "8"}))
+    with pytest.raises(ValueError, match="positive chip count"):
+        tc.train_config_chips(cfg, None)
+    cfg.write_text(json.dumps({"batch_size": 16}))
+    with pytest.raises(ValueError, match='add "chips"'):
+        tc.train_config_chips(cfg, None)
+    named = tmp_path / "v5litepod-16.json"
+    named.write_text(json.dumps({"batch_size": 16}))
+    said = []
+    assert tc.train_config_chips(named, None, log=said.append) == 16 and "from the file name" in said[0]
 
 
 def test_hlo_folder_with_the_users_own_file_is_refused_before_compiling(tmp_path):

@@ -6,7 +6,8 @@ import json
 import sys
 
 from embeddinggemma_jax import options
-from embeddinggemma_jax.batch.job import EmbedOptions, JobError
+from embeddinggemma_jax.batch.context import EmbedOptions
+from embeddinggemma_jax.errors import JobError
 
 EMBED_DESCRIPTION = ("Stream the inputs, embed every record on all devices (and all hosts with --multihost), write "
                      "atomic shards plus manifest.json. Rerunning the same command resumes after a crash: finished "
@@ -25,10 +26,17 @@ def add_verify_arguments(p) -> None:
     p.add_argument("--input", nargs="+", metavar="PATH", help="the job's inputs (default: those in the manifest)")
 
 
-def cmd_embed(args) -> int:
+def cmd_embed(args, stages=None) -> int:
+    """``stages``: ``pipeline.Stages`` to run instead of the real ones (a test's slower step)."""
     import jax
 
-    from embeddinggemma_jax.batch.job import format_summary, run_embed
+    from embeddinggemma_jax.batch.pipeline import Stages
+    from embeddinggemma_jax.batch.summary import format_summary
+
+    def run_embed(o):
+        from embeddinggemma_jax.batch.pipeline import run_embed
+
+        return run_embed(o, stages or Stages())
 
     o = options.build(EmbedOptions, args)
     if o.plan_only:
@@ -54,7 +62,7 @@ def cmd_embed(args) -> int:
 
 
 def cmd_verify(args) -> int:
-    from embeddinggemma_jax.batch.job import verify
+    from embeddinggemma_jax.batch.verify import verify
 
     r = verify(args.dir, args.input)
     print(f"ok: {r['records']:,} records in {r['shards']} shards, each exactly once; "

@@ -53,11 +53,10 @@ def job_planner(topology: str | None, buckets: Sequence[int] | None, tokens_per_
     """The global planner ``embed`` builds for this layout: rows per device (the topology's or from the
     token budget) times the devices the batch is split over (the slice's chips; ``devices`` without one)."""
     from embeddinggemma_jax import topologies
-    from embeddinggemma_jax.batch.job import rows_table
 
     topo = topologies.get(topology) if topology else None
     bks = buckets_for(max_length, buckets or (topo.buckets if topo else JOB_LENGTH_BUCKETS))
-    per_dev = rows_table(topo, bks, tokens_per_device)
+    per_dev = topologies.rows_table(topo, bks, tokens_per_device)
     split = topo.chips if topo else (devices or hosts)
     if split % hosts:
         raise ValueError(f"{split} devices cannot be split evenly over {hosts} hosts")

@@ -27,13 +27,24 @@ class ShardedEncoder:
     step can then only be compiled, e.g. for a TPU slice that is not there (``tpu_compile``)."""
 
     def __init__(self, model, mesh, rules, *, place: bool = True):
+        self._build(model.graphdef, model.state, model.attention_impl, mesh, rules, place)
+
+    @classmethod
+    def from_parts(cls, graphdef, state, attention_impl: str, mesh, rules, *, place: bool = True) -> "ShardedEncoder":
+        """The encoder of a module given as ``nnx.split``'s (graphdef, state) and its attention implementation,
+        without an ``EmbeddingGemma`` (``tpu_aot.compile_job``: an abstract module, ``place=False``)."""
+        self = cls.__new__(cls)
+        self._build(graphdef, state, attention_impl, mesh, rules, place)
+        return self
+
+    def _build(self, graphdef, state, impl: str, mesh, rules, place: bool) -> None:
         self.mesh, self.rules = mesh, tuple(rules)
-        self.state_shardings = state_shardings(model.state, mesh, self.rules)
+        self.state_shardings = state_shardings(state, mesh, self.rules)
         if place:
-            self.state = place_state(model.state, self.state_shardings)
+            self.state = place_state(state, self.state_shardings)
         else:
             self.state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                                      model.state, self.state_shardings)
+                                      state, self.state_shardings)
         self.batch_sharding = NamedSharding(mesh, logical_to_spec(("activation_batch", "activation_length"),
                                                                   self.rules, mesh))
         self.out_sharding = NamedSharding(mesh, logical_to_spec(("activation_batch", None), self.rules, mesh))
@@ -44,7 +55,6 @@ class ShardedEncoder:
             raise ValueError(f"the batch is split {self.batch_split} ways, not a multiple of the "
                              f"{jax.process_count()} processes; use a mesh whose data axes span every host")
         self.local_split = self.batch_split // jax.process_count()
-        graphdef, impl = model.graphdef, model.attention_impl
 
         def forward(state, ids, mask):
             return nnx.merge(graphdef, state)(ids, mask, impl=impl)

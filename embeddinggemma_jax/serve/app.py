@@ -11,17 +11,16 @@ import asyncio
 import contextlib
 import base64
 import hmac
-import json
 import logging
 import threading
 import time
-from pathlib import Path
+from typing import Callable
 
 import numpy as np
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
-from starlette.requests import ClientDisconnect, Request
+from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
@@ -30,6 +29,8 @@ from embeddinggemma_jax.serve.engine import BatchingWorker, Job, QueueFull
 from embeddinggemma_jax.batching import resolve_max_batch_tokens
 from embeddinggemma_jax.serve.config import SERVE_CPU_MAX_BATCH_TOKENS, ServeOptions
 from embeddinggemma_jax.serve.metrics import Metrics
+from embeddinggemma_jax.serve import middleware
+from embeddinggemma_jax.serve.middleware import Disconnected
 from embeddinggemma_jax.serve.schemas import ApiError, EmbedRequest, parse_json, parse_openai, parse_tei
 from embeddinggemma_jax.tokenize import TooManyCharacters
 
@@ -38,15 +39,14 @@ log = logging.getLogger("embeddinggemma_jax.serve")
 TOKENIZE_CHUNK = 256  # texts tokenised per step: the request's token limit is checked after each
 
 
-class Disconnected(Exception):
-    """The client went away before its answer: logged in one line, counted apart from errors (status 499)."""
-
-
 class Service:
     """What the routes share: the model (once loaded), the worker, the metrics and the lifecycle state."""
 
-    def __init__(self, config: ServeOptions, model=None):
+    def __init__(self, config: ServeOptions, model=None, step_gate: Callable[[], bool] | None = None):
+        """``model``: an ``EmbeddingGemma`` already loaded (else ``config.model`` is loaded); ``step_gate``: a
+        test's hook, passed to the worker (while it returns True, no batch is taken)."""
         self.config = config
+        self.step_gate = step_gate
         self.api_keys = config.api_keys()  # read once: a missing or empty file fails before the model loads
         self.model = model
         self.metrics = Metrics()
@@ -75,7 +75,7 @@ class Service:
                      time.perf_counter() - t0, self.model.dtype, jax.local_device_count(), jax.default_backend())
             self.worker = BatchingWorker(self.model, batch_size=c.batch_size, max_wait=c.max_wait_ms / 1000.0,
                                          max_queue=c.max_queue, metrics=self.metrics,
-                                         step_gate=self._gate if c.test_step_gate else None)
+                                         step_gate=self.step_gate)
             self.state = "warming"
             shapes = self.worker.shapes()
             log.info("batch shapes (rows x length), one per length bucket: %s",
@@ -91,9 +91,6 @@ class Service:
         except Exception as e:  # noqa: BLE001 - reported by /ready and the log; the process keeps answering
             self.state, self.failure = "failed", f"{type(e).__name__}: {e}"
             log.error("could not start the model: %s", self.failure)
-
-    def _gate(self) -> bool:
-        return Path(self.config.test_step_gate).exists()
 
     def begin_drain(self) -> None:
         if self.state != "draining":
@@ -230,89 +227,12 @@ class Service:
         return max(1, int(np.ceil(self.worker.waiting_tokens() / rate))) if rate else 1
 
 
-class _AsciiJSON(JSONResponse):
-    """Error bodies quote what the client sent, which may hold a lone surrogate: escaped, it is still JSON."""
-
-    def render(self, content) -> bytes:
-        return json.dumps(content, ensure_ascii=True, separators=(",", ":")).encode("ascii")
-
-
-def _error(e: ApiError) -> JSONResponse:
-    return _AsciiJSON(e.body(), status_code=e.status, headers=e.headers)
-
-
-async def _until_disconnect(request: Request) -> None:
-    """Returns when the client has gone (call once the body is read: the next ASGI message is the disconnect)."""
-    while (await request.receive())["type"] != "http.disconnect":
-        pass
-
-
-def _json_content_type(request: Request) -> None:
-    """POST bodies must say they are JSON: a browser page can send a form or text/plain to any origin without
-    asking first (no CORS preflight), but not application/json."""
-    media = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
-    if media != "application/json":
-        raise ApiError(415, f"the request's Content-Type is {media or 'missing'!r}; send the JSON body with "
-                            f"'Content-Type: application/json'", code="unsupported_media_type")
-
-
 def create_app(service: Service) -> Starlette:
     """The Starlette app serving ``service``; its lifespan loads the model on a background thread."""
     cfg = service.config
 
     def endpoint(route: str, *, embeds: bool):
-        def wrap(handler):
-            async def run(request: Request) -> Response:
-                t0 = time.perf_counter()
-                tier = "default"
-                counted = False
-                gone = None
-                try:
-                    if embeds:
-                        if service.state in ("draining", "stopped"):
-                            raise ApiError(503, "the server is shutting down; send the request to another replica",
-                                           type="server_error", code="shutting_down")
-                        service.in_flight += 1
-                        counted = True
-                        service.check_key(request)
-                        if service.state != "ready":
-                            raise ApiError(503, f"the model is not ready yet ({service.state}"
-                                                f"{': ' + service.failure if service.failure else ''}); "
-                                                f"retry when GET /ready answers 200", type="server_error",
-                                           code="not_ready", headers={"Retry-After": "5"})
-                        if service.in_flight > cfg.max_requests_in_flight:
-                            raise service._limit(429, f"{service.in_flight - 1} requests are in flight",
-                                                 "--max-requests-in-flight", cfg.max_requests_in_flight,
-                                                 "retry later", param=None, code="requests_in_flight")
-                        _json_content_type(request)
-                        body = await _read_body(request, cfg.max_body_bytes, cfg.body_timeout_s)
-                        gone = asyncio.ensure_future(_until_disconnect(request))
-                        response, tier = await handler(request, body, gone)
-                    else:
-                        response = await handler(request)
-                except ApiError as e:
-                    response = _error(e)
-                except (Disconnected, ClientDisconnect) as e:
-                    client = request.client
-                    log.info("client %s disconnected %s on %s", f"{client.host}:{client.port}" if client else "?",
-                             e or "while sending its request", route)
-                    service.metrics.disconnects.labels(route).inc()
-                    response = Response(status_code=499)  # nginx's "client closed request"; nobody reads it
-                except Exception as e:  # noqa: BLE001 - one error object, never a traceback to the client
-                    log.exception("unexpected error on %s", route)
-                    response = _error(ApiError(500, f"internal error: {type(e).__name__}", type="server_error",
-                                               code="internal_error"))
-                finally:
-                    if counted:
-                        service.in_flight -= 1
-                    if gone is not None:
-                        gone.cancel()
-                service.metrics.requests.labels(route, str(response.status_code)).inc()
-                if embeds:
-                    service.metrics.latency.labels(route, tier).observe(time.perf_counter() - t0)
-                return response
-            return run
-        return wrap
+        return middleware.endpoint(service, route, embeds=embeds)
 
     names = cfg.model_names()
 
@@ -364,13 +284,6 @@ def create_app(service: Service) -> Starlette:
 
         return Response(service.metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
-    async def http_error(request, exc: HTTPException):
-        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
-        msg = {404: f"no route {request.url.path}; this server answers POST /v1/embeddings, POST /embed, "
-                    f"GET /v1/models, /health, /ready, /metrics",
-               405: f"{request.method} is not allowed on {request.url.path}"}.get(exc.status_code, str(exc.detail))
-        return _error(ApiError(exc.status_code, msg, code=code))
-
     @contextlib.asynccontextmanager
     async def lifespan(app):
         threading.Thread(target=service.load, name="embeddinggemma-load", daemon=True).start()
@@ -385,27 +298,4 @@ def create_app(service: Service) -> Starlette:
                              Route("/health", health, methods=get),
                              Route("/ready", ready, methods=get),
                              Route("/metrics", metrics, methods=get)],
-                     exception_handlers={HTTPException: http_error}, lifespan=lifespan)
-
-
-async def _read_body(request: Request, limit: int, timeout: float) -> bytes:
-    """The body, refused with 413 as soon as it is known to exceed ``limit`` bytes, and with 408 when it has
-    not all arrived ``timeout`` seconds after the headers (a stalled client holds no slot for ever)."""
-    too_big = ApiError(413, f"the request body exceeds this server's limit of {limit} bytes (--max-body-mb); send "
-                            f"fewer or shorter inputs per request", code="request_too_large")
-    length = request.headers.get("content-length")
-    if length is not None and length.isdigit() and int(length) > limit:
-        raise too_big
-    chunks, size = [], 0
-    try:
-        async with asyncio.timeout(timeout):
-            async for chunk in request.stream():
-                size += len(chunk)
-                if size > limit:
-                    raise too_big
-                chunks.append(chunk)
-    except TimeoutError:
-        raise ApiError(408, f"the request body did not arrive within {timeout:g} s of its headers (--body-timeout-s "
-                            f"{timeout:g}; {size} bytes came); send it at once", code="request_timeout",
-                       headers={"Connection": "close"}) from None
-    return b"".join(chunks)
+                     exception_handlers={HTTPException: middleware.http_error}, lifespan=lifespan)

@@ -10,7 +10,6 @@ at once.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import logging
 import os
 import signal
@@ -28,10 +27,11 @@ SERVE_DESCRIPTION = ("An embeddings server: POST /v1/embeddings (OpenAI's schema
 
 def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     options.add_arguments(p, ServeOptions)
-    p.add_argument("--test-step-gate", metavar="FILE", default=None, help=argparse.SUPPRESS)
 
 
-def cmd_serve(args) -> int:
+def cmd_serve(args, step_gate=None) -> int:
+    """``step_gate``: a callable the worker asks before each batch, passed by a test (``Service``); while it
+    returns True no batch is taken."""
     try:
         import uvicorn
     except ImportError:
@@ -39,7 +39,7 @@ def cmd_serve(args) -> int:
                           "'embeddinggemma-jax[serve]'") from None
     from embeddinggemma_jax.serve.app import Service, create_app
 
-    opts = dataclasses.replace(options.build(ServeOptions, args), test_step_gate=args.test_step_gate)
+    opts = options.build(ServeOptions, args)
     log = logging.getLogger("embeddinggemma_jax.serve")
     # A handler of its own: the root logger may already be configured by an imported library.
     handler = logging.StreamHandler(sys.stderr)
@@ -47,7 +47,7 @@ def cmd_serve(args) -> int:
     log.addHandler(handler)
     log.setLevel(opts.log_level.upper())
     log.propagate = False
-    service = Service(opts)
+    service = Service(opts, step_gate=step_gate)
     log.info(
         "serving %s as %r on http://%s:%d (dtype %s%s); GET /ready answers 200 once the model is loaded and "
         "every batch shape compiled", opts.model, opts.model_names()[0], opts.host, opts.port, opts.dtype,

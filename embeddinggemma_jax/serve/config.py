@@ -7,7 +7,7 @@ import argparse
 from dataclasses import dataclass
 from pathlib import Path
 
-from embeddinggemma_jax.bench import parse_max_batch_tokens
+from embeddinggemma_jax.batching import parse_max_batch_tokens
 from embeddinggemma_jax.hub import DEFAULT_MODEL
 from embeddinggemma_jax.options import check_ranges, option
 from embeddinggemma_jax.quant import MODE_NAMES
@@ -86,8 +86,6 @@ class ServeOptions:
     warmup: str = option("all", "'all': compile every batch shape before GET /ready answers 200; 'none': ready once "
                                 "loaded, each shape compiles on first use", choices=["all", "none"])
     log_level: str = option("info", "log level", choices=["debug", "info", "warning", "error"])
-    # Tests only (a hidden flag, see serve.cli): while this file exists the worker takes no batch.
-    test_step_gate: str | None = option(None, cli=False)
 
     def __post_init__(self):
         if self.max_queue < self.max_inputs:

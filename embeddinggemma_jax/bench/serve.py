@@ -80,7 +80,9 @@ def run(model: str, docstrings: int = 64, clients: int = 32, idle_requests: int 
         batch_size: int = 32, repeats: int = 2, server_args: tuple[str, ...] = (), timeout: float = 3600) -> dict:
     import httpx
 
-    from embeddinggemma_jax import bench, hub
+    from embeddinggemma_jax import hub
+    from embeddinggemma_jax.bench import speed
+    from embeddinggemma_jax.bench.corpora import stdlib_docstrings
     from embeddinggemma_jax.tokenize import TextTokenizer
     from embeddinggemma_jax.weights import read_folder_configs
 
@@ -89,14 +91,14 @@ def run(model: str, docstrings: int = 64, clients: int = 32, idle_requests: int 
     enc, head = read_folder_configs(folder)
     tok = TextTokenizer(folder / "tokenizer.json", head.max_seq_length, enc.pad_token_id, enc.eos_token_id)
     max_doc = min(700, head.max_seq_length)
-    texts = bench.stdlib_docstrings(tok, docstrings, min_tokens=min(50, max_doc // 2), max_tokens=max_doc)
+    texts = stdlib_docstrings(tok, docstrings, min_tokens=min(50, max_doc // 2), max_tokens=max_doc)
     report = {"model": str(folder), "threads": threads, "texts": len(texts), "tokens": sum(tok.count(texts)),
               "clients": clients, "server_args": list(server_args), "cpu": _cpu_name()}
 
     with tempfile.TemporaryDirectory(prefix="eg-serve-bench-") as tmp:
         tmp = Path(tmp)
         (tmp / "corpora.json").write_text(json.dumps({"docstrings": texts}))
-        off = bench._run_engine("jax-float32", folder, tmp, threads, batch_size, batch_size, repeats, "auto", timeout)
+        off = speed._run_engine("jax-float32", folder, tmp, threads, batch_size, batch_size, repeats, "auto", timeout)
         c = off["corpora"]["docstrings"]
         report["offline"] = {"tokens_per_s": c["tokens_per_s"], "seconds": c["seconds"],
                              "padding_efficiency": c["padding_efficiency"]}

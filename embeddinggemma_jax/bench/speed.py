@@ -20,20 +20,21 @@ graph.
 from __future__ import annotations
 
 import argparse
-import ast
 import json
 import os
-import random
 import re
 import resource
 import subprocess
 import sys
-import sysconfig
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
+
+from embeddinggemma_jax.batching import parse_max_batch_tokens
+from embeddinggemma_jax.bench.corpora import long_documents, stdlib_docstrings
+from embeddinggemma_jax.errors import InputError
 
 SCHEMA = 1
 ENGINES = ("jax-float32", "jax-bfloat16", "st-float32")
@@ -41,68 +42,6 @@ ENGINES = ("jax-float32", "jax-bfloat16", "st-float32")
 COMPILE_EVENTS = ("/jax/core/compile/jaxpr_trace_duration", "/jax/core/compile/jaxpr_to_mlir_module_duration",
                   "/jax/core/compile/backend_compile_duration")
 ST_WORKER = "conversion.st_worker"  # run with python -m
-
-
-# ----------------------------------------------------------------------------- corpora
-def iter_docstrings(paths):
-    """Every module, class and function docstring of the Python files ``paths``, in order (files that
-    do not parse are skipped)."""
-    for path in paths:
-        try:
-            tree = ast.parse(Path(path).read_text(encoding="utf-8"))
-        except (SyntaxError, UnicodeDecodeError, OSError, ValueError):
-            continue
-        for node in ast.walk(tree):
-            if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
-                doc = ast.get_docstring(node)
-                if doc:
-                    yield doc
-
-
-def top_level_stdlib_docstrings() -> list[str]:
-    """Every docstring of the standard library's top-level modules (``<stdlib>/*.py``), repeats kept:
-    a realistic, long-tailed length distribution (median ~30 tokens) for planning measurements."""
-    return list(iter_docstrings(sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py"))))
-
-
-def stdlib_docstrings(tokenizer, n: int = 256, min_tokens: int = 50, max_tokens: int = 700,
-                      seed: int = 0) -> list[str]:
-    """``n`` distinct docstrings of the running Python's standard library with 50-700 tokens
-    (``<bos>``/``<eos>`` included), chosen deterministically from every docstring that fits."""
-    root = Path(sysconfig.get_paths()["stdlib"])
-    paths = [p for p in sorted(root.rglob("*.py"))
-             if not any(part in ("test", "tests", "idlelib", "site-packages", "lib2to3") for part in p.parts)]
-    seen, found = set(), []
-    for doc in iter_docstrings(paths):
-        if len(doc) >= 150 and doc not in seen:
-            seen.add(doc)
-            found.append(doc)
-    random.Random(seed).shuffle(found)
-    out = []
-    for start in range(0, len(found), 512):  # tokenise in chunks until enough fit
-        chunk = found[start:start + 512]
-        for doc, m in zip(chunk, tokenizer.count(chunk)):
-            if min_tokens <= m <= max_tokens:
-                out.append(doc)
-                if len(out) == n:
-                    return out
-    raise RuntimeError(f"only {len(out)} standard-library docstrings have {min_tokens}-{max_tokens} tokens; "
-                       f"ask for fewer")
-
-
-def long_documents(tokenizer, n: int = 4, tokens: int = 2048, seed: int = 1) -> list[str]:
-    """``n`` texts of at least ``tokens`` tokens (truncated to the model's limit when encoded),
-    each a different run of standard-library docstrings."""
-    docs = stdlib_docstrings(tokenizer, n=200, min_tokens=20, max_tokens=2000, seed=seed)
-    out, i = [], 0
-    for _ in range(n):
-        parts, count = [], 0
-        while count < tokens + 16:
-            parts.append(docs[i % len(docs)])
-            count += tokenizer.count([parts[-1]])[0]
-            i += 1
-        out.append("\n\n".join(parts))
-    return out
 
 
 # ----------------------------------------------------------------------------- measurements
@@ -163,15 +102,6 @@ def _cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 
 # ----------------------------------------------------------------------------- the JAX worker
-def parse_max_batch_tokens(text: str) -> int | None | str:
-    """'auto' (the package's default for the backend), 'none' (no cap) or a positive integer."""
-    if text in ("auto", "none"):
-        return None if text == "none" else text
-    if not text.isdigit() or int(text) < 1:
-        raise ValueError(f"--max-batch-tokens must be 'auto', 'none' or a positive integer, got {text!r}")
-    return int(text)
-
-
 def jax_worker(model_path: str, dtype: str, corpora: dict[str, list[str]], batch_size: int, out_dir: Path,
                repeats: int = 1, max_batch_tokens: int | None | str = "auto") -> dict:
     """Runs in a fresh process: load, first embedding, then per corpus a warm-up pass (compiles)
@@ -257,7 +187,7 @@ def _run_engine(engine, folder, tmp, threads, batch_size, st_batch_size, repeats
     if st:
         script = ["-m", ST_WORKER]
     else:
-        script = ["-m", "embeddinggemma_jax.bench", "--worker"]
+        script = ["-m", "embeddinggemma_jax.bench", "--worker"]  # bench/__main__.py
     cmd = [sys.executable, *script, engine, str(folder), str(tmp), "--threads", str(threads),
            "--batch-size", str(st_batch_size if st else batch_size), "--repeats", str(repeats)]
     if not st:  # sentence-transformers batches by batch_size alone
@@ -275,6 +205,19 @@ def _merge_round(results: dict, res: dict) -> None:
         old["corpora"][name]["tokens_per_s_rounds"] = rounds
 
 
+def check_st_installed(engines) -> None:
+    """The ``st-*`` engines run sentence-transformers on PyTorch (``conversion.st_worker``): refuse them, before
+    anything is loaded, where those are not installed (a wheel install without the ``bench`` extra)."""
+    import importlib.util
+
+    st = [e for e in engines if e.startswith("st-")]
+    missing = [m for m in ("torch", "sentence_transformers") if importlib.util.find_spec(m) is None]
+    if st and missing:
+        raise InputError(f"the {st[0]} engine needs {' and '.join(missing)}, which this Python lacks: install the "
+                         "bench extra (pip install 'embeddinggemma-jax[bench]') or pass --engines "
+                         "jax-float32,jax-bfloat16")
+
+
 def run(model: str, engines=ENGINES, docstrings: int = 64, long_docs: int = 4, long_tokens: int = 2048,
         threads: int | None = None, batch_size: int = 32, repeats: int = 1, timeout: float = 3600,
         max_batch_tokens: int | None | str = "auto", st_batch_size: int | None = None, rounds: int = 1) -> dict:
@@ -286,6 +229,7 @@ def run(model: str, engines=ENGINES, docstrings: int = 64, long_docs: int = 4, l
     bad = [e for e in engines if e not in ENGINES]
     if bad:
         raise ValueError(f"unknown engine {bad[0]!r}; choose from {', '.join(ENGINES)}")
+    check_st_installed(engines)
     threads = threads or len(os.sched_getaffinity(0))
     folder = hub.resolve(model)
     enc, head = read_folder_configs(folder)
@@ -420,9 +364,3 @@ def worker_main(argv: list[str]) -> int:
     tmp.write_text(json.dumps(res))
     os.replace(tmp, a.dir / f"{a.engine}.json")
     return 0
-
-
-if __name__ == "__main__":
-    if len(sys.argv) > 1 and sys.argv[1] == "--worker":
-        sys.exit(worker_main(sys.argv[2:]))
-    sys.exit("use `embeddinggemma-jax bench` (or benchmarks/bench.py)")
