@@ -165,7 +165,7 @@ def compile_job(topology: str, buckets=None, model: str | None = None, num_slice
 
 # Settings of a tpu/train config that ``tpu-compile --train`` can override (declared in RunConfig/TrainConfig).
 TRAIN_OVERRIDES = ("batch_size", "cached_loss", "mini_batch_size", "fsdp", "mesh", "grad_accum", "remat",
-                   "remat_policy")
+                   "remat_policy", "attention")
 
 CHIPS_KEY = "chips"  # a tpu/train config's chip count (the slice it is written for), read by ``tpu-compile --train``
 
@@ -242,7 +242,7 @@ def compile_train(config: str, model: str | None = None, num_slices: int = 1, lo
         exe, used = None, out_of_hbm(e)
         if used is None:
             raise
-    row = {"length": L, "rows_per_chip": 2 * A * B // (chips * num_slices), "attention": "xla",
+    row = {"length": L, "rows_per_chip": 2 * A * B // (chips * num_slices), "attention": cfg.attention,
            "tokens_per_chip": tokens, "remat": cfg.remat,
            "remat_policy": cfg.remat_policy if cfg.remat else None, "rules": "fsdp" if cfg.fsdp else "data_parallel",
            "batch_size": B, "grad_accum": A, "cached_loss": cfg.cached_loss,
