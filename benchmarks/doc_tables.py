@@ -21,7 +21,7 @@ for p in (ROOT, ROOT / "benchmarks"):
 
 # the scripts whose results feed tables; each has blocks() -> {page name: {block name: markdown}}
 GENERATORS = ("tpu_tables", "quant_tables", "quant_sts", "serve_limits_probe", "gcs_commit", "train_throughput",
-              "eval_tables", "plan_hosts", "doc_charts")
+              "eval_tables", "plan_hosts", "train_mfu_breakdown", "doc_charts")
 
 
 def replace_block(text: str, tag: str, body: str) -> str:

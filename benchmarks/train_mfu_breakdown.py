@@ -4,6 +4,8 @@ op list of an optimised HLO (``tpu-compile --train CONFIG --hlo DIR``) grouped b
     python benchmarks/train_mfu_breakdown.py tpu/compiled/train-v5litepod-8.json [--hlo DIR/L256.hlo.txt] [--json OUT]
     python benchmarks/train_mfu_breakdown.py tpu/compiled/train-v5litepod-16.json \
         --compare tpu/compiled/train-search/v5litepod-16-remat-dots.json
+    python benchmarks/train_mfu_breakdown.py OLD.json --hlo DIR --reproject NEW.json   # today's roofline over
+                                                                                        # the HLO OLD's compile wrote
 
 Passes come from the op metadata the train step's ``jax.named_scope``s leave (``cached_embed_pass``,
 ``cached_loss``, ``cached_backward_pass``, ``forward``, ``optimizer``); inside a backward pass, ops that JAX
@@ -106,13 +108,16 @@ def markdown(summary: dict, ops: dict | None) -> str:
     return "\n".join(lines)
 
 
-def compare(paths: list[str]) -> str:
+def compare(paths: list[str], root: Path | None = None) -> str:
     """A before/after table of several train results (docs/training-tpu.md)."""
     lines = ["| result | compiled FLOPs / forward | s at peak FLOPs | s at HBM bandwidth | projected step (s) "
              "| projected MFU | HBM/chip |", "|---|---:|---:|---:|---:|---:|---:|"]
     for path in paths:
-        d = model_summary(_load(path))
-        lines.append(f"| `{path}` (remat {d['remat_policy']}) | {d['compiled_over_forward']:.2f} | "
+        full = root / path if root else path
+        d = model_summary(_load(full))
+        b = _load(full)["buckets"][0]
+        how = f"remat {d['remat_policy']}, attention {b.get('attention', 'xla')}, roofline v{b.get('roofline_version', 1)}"
+        lines.append(f"| `{path}` ({how}) | {d['compiled_over_forward']:.2f} | "
                      f"{d['seconds_at_peak_flops']:.2f} | {d['seconds_at_hbm_bandwidth']:.2f} | "
                      f"{d['projected_seconds']:.2f} | {100 * d['projected_mfu']:.1f}% | {100 * d['hbm_fraction']:.0f}% |")
     return "\n".join(lines)
@@ -128,10 +133,41 @@ def _load(path) -> dict:
     return result
 
 
+COMPILED = ROOT / "tpu" / "compiled"
+# per config: the results before and after each change (docs/training-tpu.md), then the HLO of the last
+CHANGES = {
+    8: (["train-search/v5litepod-8-xla-roofline1.json", "train-search/v5litepod-8-xla.json",
+         "train-v5litepod-8.json"], "hlo/train-v5litepod-8"),
+    16: (["train-search/v5litepod-16-xla-roofline1.json", "train-search/v5litepod-16-xla.json",
+          "train-v5litepod-16.json"], "hlo/train-v5litepod-16"),
+}
+
+
+def blocks() -> dict:
+    """docs/training-tpu.md: the before/after table per config and the op-by-op table of today's step."""
+    out = {}
+    for chips, (files, hlo) in CHANGES.items():
+        have = [f for f in files if (COMPILED / f).exists()]
+        if not have:
+            continue
+        rel = [str((COMPILED / f).relative_to(ROOT)) for f in have]
+        out[f"TRAIN_MFU_CHANGES_{chips}"] = compare(rel, ROOT)
+        gz = COMPILED / hlo / "L256.hlo.txt.gz"
+        if gz.exists():
+            import gzip
+
+            result = _load(COMPILED / have[-1])
+            ops = op_breakdown(gzip.decompress(gz.read_bytes()).decode(), result["buckets"][0]["length"])
+            out[f"TRAIN_MFU_OPS_{chips}"] = markdown(model_summary(result), ops)
+    return {"training-tpu.md": out} if out else {}
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("result", help="a tpu-compile --train --json result")
-    p.add_argument("--hlo", help="its optimised HLO (tpu-compile --hlo DIR: DIR/L<length>.hlo.txt)")
+    p.add_argument("--hlo", help="its optimised HLO: tpu-compile --hlo DIR's folder (L<length>.hlo.txt, or .txt.gz)")
+    p.add_argument("--reproject", metavar="OUT", help="write RESULT re-projected by today's roofline from --hlo's "
+                                                      "HLO (tpu_aot.reproject; the compiler's memory stays)")
     p.add_argument("--json", help="write the summary and the op breakdown here")
     p.add_argument("--compare", nargs="+", metavar="RESULT", help="print a before/after table of RESULT and these")
     a = p.parse_args(argv)
@@ -139,8 +175,22 @@ def main(argv=None) -> int:
         print(compare([a.result, *a.compare]))
         return 0
     result = _load(a.result)
+    if a.reproject:
+        from embeddinggemma_jax.io_utils import atomic_write_json
+        from embeddinggemma_jax.tpu_aot import reproject
+
+        result = reproject(result, a.hlo)
+        atomic_write_json(a.reproject, result)
     summary = model_summary(result)
-    ops = op_breakdown(Path(a.hlo).read_text(), result["buckets"][0]["length"]) if a.hlo else None
+    ops = None
+    if a.hlo:
+        import gzip
+
+        hlo = Path(a.hlo)
+        if hlo.is_dir():
+            hlo = hlo / f"L{result['buckets'][0]['length']}.hlo.txt"
+        text = hlo.read_text() if hlo.exists() else gzip.decompress(hlo.with_suffix(".txt.gz").read_bytes()).decode()
+        ops = op_breakdown(text, result["buckets"][0]["length"])
     print(markdown(summary, ops))
     if a.json:
         from embeddinggemma_jax.io_utils import atomic_write_bytes

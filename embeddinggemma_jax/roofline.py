@@ -217,6 +217,73 @@ class _Roofline:
                     return max(1, hit[0])
         return 1
 
+    def fusion_bytes(self, ins: _Instr) -> float | None:
+        """HBM bytes of a fusion, as XLA runs it: a result that is a ``dynamic-update-slice`` of one of the
+        fusion's parameters is updated in place (the buffer is neither read nor rewritten: the update is
+        written), and a parameter the fusion only slices (``dynamic-slice`` / ``slice``, through bitcasts) is
+        read only where sliced. A scan's per-layer reads of stacked weights and its writes of stacked
+        residuals and gradients are such fusions: counting their whole buffers charged every layer of
+        every pass with all 24 layers' bytes. None when the fusion's operands cannot be matched to its
+        parameters (then the caller counts every operand and the result in full)."""
+        body = self.comps.get(_attr(ins.rest, "calls") or "")
+        ops = _operand_text(ins.rest)
+        if not body or _dims(ops):
+            return None
+        names = re.findall(r"%([\w.\-]+)", ops)
+        read = [_nbytes(self.types.get(n, "")) for n in names]
+        local = {i.name: i for i in body}
+        params = {}
+        for i in body:
+            m = re.match(r"(\d+)\)", i.rest) if i.op == "parameter" else None
+            if m and int(m.group(1)) < len(read):
+                params[i.name] = int(m.group(1))
+        if len(params) != len(read):
+            return None
+        users: dict[str, list[_Instr]] = {}
+        for i in body:
+            for n in re.findall(r"%([\w.\-]+)", _operand_text(i.rest)):
+                users.setdefault(n, []).append(i)
+
+        def source(name):  # the parameter behind a chain of bitcasts
+            while name in local and local[name].op == "bitcast":
+                name = (re.findall(r"%([\w.\-]+)", _operand_text(local[name].rest)) or [""])[0]
+            return name
+
+        write = _nbytes(ins.type)
+        root = body[-1]  # the printer writes the ROOT instruction last
+        roots = [local[n] for n in re.findall(r"%([\w.\-]+)", _operand_text(root.rest)) if n in local] \
+            if root.op == "tuple" else [root]
+        for r in roots:
+            args = re.findall(r"%([\w.\-]+)", _operand_text(r.rest))
+            if r.op == "dynamic-update-slice" and len(args) > 1 and source(args[0]) in params:
+                buf = _SHAPE.findall(r.type)
+                upd = _dims(local[args[1]].type) if args[1] in local else []
+                if buf and upd and "S(1)" not in (buf[0][2] or ""):
+                    read[params[source(args[0])]] = 0.0
+                    write += _BYTES[buf[0][0]] * math.prod(upd[0][1]) - _nbytes(r.type)
+
+        def sliced_reads(name):  # bytes read by the slices of ``name`` (None: some other use reads it whole)
+            total = 0.0
+            for u in users.get(name, []):
+                if u.op == "bitcast":
+                    sub = sliced_reads(u.name)
+                    if sub is None:
+                        return None
+                    total += sub
+                elif u.op in ("dynamic-slice", "slice") and re.findall(r"%([\w.\-]+)", _operand_text(u.rest))[0] == name:
+                    total += sum(_BYTES[t] * math.prod(int(x) for x in d.split(",") if x)
+                                 for t, d, _ in _SHAPE.findall(u.type))
+                elif not (u.op == "dynamic-update-slice" and u in roots):
+                    return None
+            return total
+
+        for name, k in params.items():
+            if read[k]:
+                sliced = sliced_reads(name)
+                if sliced is not None and users.get(name):
+                    read[k] = min(read[k], sliced)
+        return sum(read) + write
+
     def comp_flops(self, comp: str) -> float:
         if comp not in self._flops:
             self._flops[comp] = 0.0  # recursion guard
@@ -227,8 +294,8 @@ class _Roofline:
         acc = acc if acc is not None else {"seconds": 0.0, "flops": 0.0, "bytes": 0.0, "compute_bound_seconds": 0.0,
                                            "loops": []}
         for ins in self.comps.get(comp or self.entry, []):
-            if ins.op in _FREE:
-                continue
+            if ins.op in _FREE or (ins.op == "custom-call" and 'custom_call_target="AllocateBuffer"' in ins.rest):
+                continue  # no data moves (AllocateBuffer: an uninitialised output buffer)
             if ins.op == "while":
                 n = self.trip_count(ins)
                 acc["loops"].append({"body": _attr(ins.rest, "body"), "trip_count": n})
@@ -265,6 +332,8 @@ class _Roofline:
             elif ins.op == "dynamic-update-slice":  # in place: reads and writes the update only
                 ups = self._operand_shapes(ins)
                 b = 2 * (_BYTES[ups[1][0]] * math.prod(ups[1][1]) if len(ups) > 1 else _nbytes(ins.type))
+            elif ins.op == "fusion" and (fb := self.fusion_bytes(ins)) is not None:
+                b = fb
             else:
                 b = self._operand_bytes(ins) + _nbytes(ins.type)
             peak = self.int8_peak if f and self.int8_matmul(ins) else self.peak

@@ -74,18 +74,54 @@ def _report(compiled, seconds_compile: float, tokens: int, model_flops_per_token
 
         Path(hlo_file).parent.mkdir(parents=True, exist_ok=True)
         atomic_write_bytes(hlo_file, hlo.encode())
+    row = {"hbm_bytes": mem["hbm_bytes"], "memory": mem, "hbm_fraction": mem["hbm_bytes"] / topologies.V5E_HBM_BYTES}
+    row.update(project(hlo, tokens, model_flops_per_token, peak, branch_shares))
+    row["compile_seconds"] = round(seconds_compile, 2)
+    return row
+
+
+# 2: fusions that update a parameter in place (a scan's stacked outputs and gradients) or only slice one (a
+# scan's stacked weights) move the slices, not the whole buffers; AllocateBuffer moves nothing. Results
+# without the key were projected by version 1, which counted those buffers whole in every loop iteration.
+ROOFLINE_VERSION = 2
+
+
+def project(hlo: str, tokens: int, model_flops_per_token: float | None, peak: float = V5E_PEAK_FLOPS,
+            branch_shares: dict[int, tuple[float, ...]] | None = None) -> dict:
+    """The projection fields of a result row from a compiled program's optimised HLO text."""
     roof = hlo_roofline(hlo, branch_shares=branch_shares)
     sec = roof["seconds"]
-    row = {"hbm_bytes": mem["hbm_bytes"], "memory": mem, "hbm_fraction": mem["hbm_bytes"] / topologies.V5E_HBM_BYTES,
-           "flops_per_chip": roof["flops"], "bytes_per_chip": roof["bytes"], "projected_seconds": sec,
+    row = {"flops_per_chip": roof["flops"], "bytes_per_chip": roof["bytes"], "projected_seconds": sec,
            "projected_tokens_per_second_per_chip": tokens / sec if sec > 0 else None,
            "compute_bound_share": roof["compute_bound_seconds"] / sec if sec > 0 else None,
            "loop_trip_counts": sorted({lp["trip_count"] for lp in roof["loops"]}),
            "mosaic_kernels": hlo.count('custom_call_target="tpu_custom_call"'),
-           "projection_method": PROJECTION_METHOD, "compile_seconds": round(seconds_compile, 2)}
+           "projection_method": PROJECTION_METHOD, "roofline_version": ROOFLINE_VERSION}
     if model_flops_per_token is not None and sec > 0:
         row["projected_mfu"] = model_flops_per_token * tokens / sec / peak
     return row
+
+
+def reproject(result: dict, hlo_dir: str | Path, model: str | None = None) -> dict:
+    """``result`` (a tpu-compile JSON) with every bucket's projection recomputed by this roofline from the
+    HLO its compile wrote (``--hlo DIR``: ``L<length>.hlo.txt``, or ``.hlo.txt.gz``); the compiler's memory
+    and everything else stay. For results projected by an earlier roofline whose HLO was kept."""
+    import gzip
+
+    from embeddinggemma_jax.costs import flops_per_token
+
+    enc_cfg, _ = model_configs(model)
+    shares = layer_branch_shares(enc_cfg)
+    out = dict(result, buckets=[])
+    for b in result["buckets"]:
+        b = dict(b)
+        path = Path(hlo_dir) / f"L{b['length']}.hlo.txt"
+        if path.exists() or path.with_suffix(".txt.gz").exists():
+            hlo = path.read_text() if path.exists() else gzip.decompress(path.with_suffix(".txt.gz").read_bytes()).decode()
+            per_token = (3 if result.get("kind") == "train" else 1) * flops_per_token(enc_cfg, b["length"])
+            b.update(project(hlo, b["tokens_per_chip"], per_token, result.get("peak_flops", V5E_PEAK_FLOPS), shares))
+        out["buckets"].append(b)
+    return finish(out)
 
 
 def model_configs(model: str | None):

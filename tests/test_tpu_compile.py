@@ -92,6 +92,55 @@ def test_roofline_weights_a_conditionals_branches_by_their_share_of_runs():
     assert tc.layer_branch_shares(EncoderConfig()).keys() == {24} and shares == pytest.approx((4 / 24, 20 / 24))
 
 
+def test_roofline_counts_a_scans_stacked_buffers_by_the_slices_it_touches():
+    """A scan that reads its layer's slice of a stacked [24, ...] input and writes its slice of a stacked
+    output, as the encoder's layers read weights and the train step writes residuals and gradients: XLA
+    fuses the slicing and updates the output in place, so the program moves each buffer about once, not
+    24 times; the roofline counted the whole buffer in every iteration before."""
+    import jax
+    import jax.numpy as jnp
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    from embeddinggemma_jax.sharding import make_mesh
+
+    mesh = make_mesh((1, 1), tc.slice_devices(1))
+    s = NamedSharding(mesh, PartitionSpec())
+    xs = jax.ShapeDtypeStruct((24, 512, 768), jnp.float32, sharding=s)
+    buf = 24 * 512 * 768 * 4
+
+    def scan(xs):
+        def body(c, x):
+            y = jnp.tanh(x) * c
+            return c + 1.0, y
+        return jax.lax.scan(body, jnp.float32(1), xs)[1]
+
+    r = tc.hlo_roofline(jax.jit(scan).lower(xs).compile().as_text())
+    assert 24 in [lp["trip_count"] for lp in r["loops"]]
+    # read xs once and write the stacked output once (plus a few scalar ops), not 24 x both buffers; the
+    # output's AllocateBuffer moves nothing
+    assert 2 * buf <= r["bytes"] < 2.01 * buf, r["bytes"] / buf
+
+
+def test_reproject_from_the_kept_hlo_gives_the_compiles_own_projection(tiny_folder, tmp_path):
+    """A result re-projected from the HLO its compile wrote (plain or gzipped) equals the compile's
+    projection, and a row projected by an older roofline gets this one's fields back."""
+    import gzip
+
+    from embeddinggemma_jax import tpu_aot
+
+    res = tc.compile_job("v5litepod-4", buckets=(12,), model=str(tiny_folder), log=lambda *a: None,
+                         hlo_dir=tmp_path / "hlo")
+    (row,) = res["buckets"]
+    assert row["roofline_version"] == tpu_aot.ROOFLINE_VERSION
+    old = dict(res, buckets=[{k: v for k, v in row.items() if k != "roofline_version"} | {"projected_seconds": 9.0}])
+    again = tpu_aot.reproject(old, tmp_path / "hlo", model=str(tiny_folder))
+    assert again["buckets"][0] == row
+    gz = tmp_path / "gz"
+    gz.mkdir()
+    (gz / "L12.hlo.txt.gz").write_bytes(gzip.compress((tmp_path / "hlo" / "L12.hlo.txt").read_bytes()))
+    assert tpu_aot.reproject(old, gz, model=str(tiny_folder))["buckets"][0] == row
+
+
 def test_roofline_counts_an_asynchronous_slice_by_the_slice():
     # ((source), slice, context): a quarter of a bf16 [128, 512, 768] read from HBM into VMEM (S(1))
     t = ("((bf16[128,512,768]{2,1,0:T(8,128)(2,1)}), bf16[32,512,768]{2,1,0:T(8,128)(2,1)S(1)}, "
