@@ -173,6 +173,26 @@ def torch_hidden_states(st, text: str) -> np.ndarray:
     return np.stack(captured)
 
 
+def compare_layers(jm, st, prompted: Sequence[str], dtype: str) -> LayerReport:
+    """The residual stream after every layer, JAX against PyTorch, over the prompted texts: the largest
+    relative and absolute error per layer, and the first layer where the error jumps past the tolerance."""
+    n_states = jm.encoder_config.num_layers + 1
+    rel = np.zeros(n_states)
+    mx = np.zeros(n_states)
+    for text in prompted:
+        hj = jm.hidden_states([text])[0]
+        ht = torch_hidden_states(st, text)
+        if hj.shape != ht.shape:
+            raise RuntimeError(f"hidden states have shape {hj.shape} in JAX but {ht.shape} in PyTorch "
+                               "(tokenisation differs)")
+        diff = (hj.astype(np.float64) - ht.astype(np.float64)).reshape(n_states, -1)
+        norm = np.linalg.norm(ht.astype(np.float64).reshape(n_states, -1), axis=1)
+        rel = np.maximum(rel, np.linalg.norm(diff, axis=1) / np.maximum(norm, 1e-30))
+        mx = np.maximum(mx, np.abs(diff).max(axis=1))
+    tol = LAYER_TOLERANCE[dtype]
+    return LayerReport([float(x) for x in rel], [float(x) for x in mx], first_jump(rel, tol), tol)
+
+
 def run_parity(model: str, cases: Sequence[tuple[str, str]] | None = None, *, reference: str | None = None,
                dtype: str = "float32", prompt_name: str | None = None, min_cosine: float | None = None,
                layers: bool = False, quantize: str | None = None, log=print) -> dict:
@@ -218,23 +238,7 @@ def run_parity(model: str, cases: Sequence[tuple[str, str]] | None = None, *, re
         t1 = time.perf_counter()
         got = jm.encode(texts, prompt_name=prompt_name, batch_size=8)
         t_jax = time.perf_counter() - t1
-        layer_report = None
-        if layers:
-            n_states = jm.encoder_config.num_layers + 1
-            rel = np.zeros(n_states)
-            mx = np.zeros(n_states)
-            for text in prompted:
-                hj = jm.hidden_states([text])[0]
-                ht = torch_hidden_states(st, text)
-                if hj.shape != ht.shape:
-                    raise RuntimeError(f"hidden states have shape {hj.shape} in JAX but {ht.shape} in PyTorch "
-                                       "(tokenisation differs)")
-                diff = (hj.astype(np.float64) - ht.astype(np.float64)).reshape(n_states, -1)
-                norm = np.linalg.norm(ht.astype(np.float64).reshape(n_states, -1), axis=1)
-                rel = np.maximum(rel, np.linalg.norm(diff, axis=1) / np.maximum(norm, 1e-30))
-                mx = np.maximum(mx, np.abs(diff).max(axis=1))
-            tol = LAYER_TOLERANCE[dtype]
-            layer_report = LayerReport([float(x) for x in rel], [float(x) for x in mx], first_jump(rel, tol), tol)
+        layer_report = compare_layers(jm, st, prompted, dtype) if layers else None
 
     got_n, ref_n = l2_normalize(got), l2_normalize(ref)
     cos = np.sum(got_n.astype(np.float64) * ref_n.astype(np.float64), axis=1)
