@@ -69,7 +69,8 @@ def embed_hashes(folder: Path, tmp: Path) -> dict:
     out = {}
     for name, extra in (("document_titles", ["--title-field", "title"]), ("query", ["--prompt-name", "query"])):
         dest = tmp / f"embed-{name}"
-        rc = main(["embed", "--model", str(folder), "--input", str(corpus), "--output", str(dest), *extra])
+        rc = main(["embed", "--model", str(folder), "--input", str(corpus), "--output", str(dest), "--id-field", "id",
+                   *extra])
         assert rc == 0, f"embed {name} exited {rc}"
         ids, emb = shards.load_all(dest)
         out[f"embed/{name}/ids"] = hashlib.sha256("\n".join(ids).encode()).hexdigest()
