@@ -203,6 +203,7 @@ def run_parity(model: str, cases: Sequence[tuple[str, str]] | None = None, *, re
 
     from embeddinggemma_jax import EmbeddingGemma
     from embeddinggemma_jax.config import check_dtype
+    from embeddinggemma_jax.prompts import prompt_text, with_prompt
 
     dtype = check_dtype(dtype)
     from embeddinggemma_jax.quant import check_mode
@@ -220,9 +221,7 @@ def run_parity(model: str, cases: Sequence[tuple[str, str]] | None = None, *, re
         cases = builtin_cases(lambda t: len(raw_tok.encode(t).ids), jm.head_config.max_seq_length)
     names = [n for n, _ in cases]
     texts = [t for _, t in cases]
-    if prompt_name is not None and prompt_name not in jm.prompts:
-        raise ValueError(f"unknown --prompt-name {prompt_name!r}; this model's prompts: {', '.join(sorted(jm.prompts))}")
-    prompted = jm.apply_prompt(texts, prompt_name, None)
+    prompted = with_prompt(texts, prompt_text(jm.prompts, prompt_name, what="--prompt-name"))
     n_tokens = jm.tokenizer.count(prompted)
 
     with tempfile.TemporaryDirectory(prefix="egj-parity-") as scratch:

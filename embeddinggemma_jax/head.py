@@ -75,6 +75,25 @@ def abstract_module(enc: EncoderConfig, head: HeadConfig, dtype="float32", param
     return nnx.eval_shape(build)
 
 
+def make_forward(graphdef, *, prepare=None, on_trace=None, **call_kw):
+    """The model's forward as a pure function ``(state, ids, mask) -> [rows, out] fp32``: the module is
+    rebuilt from ``graphdef`` and ``prepare(state)`` (the states ``nnx.merge`` takes; default ``(state,)``)
+    and called with ``call_kw`` (e.g. ``impl=``, ``remat=``). ``on_trace`` runs each time JAX traces it.
+    The one forward of the API, the batch job, the server and training (``jit_forward``)."""
+    def forward(state, ids, mask):
+        if on_trace is not None:
+            on_trace()
+        states = (state,) if prepare is None else prepare(state)
+        return nnx.merge(graphdef, *states)(ids, mask, **call_kw)
+
+    return forward
+
+
+def jit_forward(graphdef, *, prepare=None, on_trace=None, call_kw: dict | None = None, **jit_kw):
+    """``jax.jit`` of ``make_forward`` (``jit_kw``: in/out shardings and the like)."""
+    return jax.jit(make_forward(graphdef, prepare=prepare, on_trace=on_trace, **(call_kw or {})), **jit_kw)
+
+
 def count_params(module_or_state) -> int:
     state = module_or_state if isinstance(module_or_state, nnx.State) else nnx.state(module_or_state, nnx.Param)
     return int(sum(np.prod(x.shape) for x in jax.tree.leaves(state)))

@@ -5,18 +5,17 @@ padded batches (``batching``) -> jitted encoder + head -> unnormalised fp32 vect
 truncation or zero padding, normalisation (``head.apply_dimensions``) -> input order.
 
 ``from_pretrained`` is the one constructor from files: a sentence-transformers folder (through
-``weights``) or an Orbax checkpoint (through ``checkpoint``), optionally straight onto a mesh.
+``weights``) or an Orbax checkpoint (through ``checkpoint``), both read by ``source.read_source``,
+optionally straight onto a mesh.
 """
 
 from __future__ import annotations
 
 import os
 import threading
-from functools import partial
 from pathlib import Path
 from typing import Sequence
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
@@ -37,13 +36,13 @@ from embeddinggemma_jax.head import (
     abstract_module,
     apply_dimensions,
     check_dimensions,
+    jit_forward,
     l2_normalize,
 )
-from embeddinggemma_jax.io_utils import read_json
+from embeddinggemma_jax.prompts import DOCUMENT_TEMPLATE, document_prefix, prompt_text, with_prompt  # noqa: F401 (re-exported)
+from embeddinggemma_jax.source import read_source
 from embeddinggemma_jax.tokenize import TextTokenizer, check_texts
-from embeddinggemma_jax.weights import load_state, read_folder_configs
-
-DOCUMENT_TEMPLATE = "title: {title} | text: "
+from embeddinggemma_jax.weights import load_state
 
 
 class EmbeddingGemma:
@@ -67,7 +66,7 @@ class EmbeddingGemma:
         self.graphdef, self.state = nnx.split(module)
         self.compile_count = 0  # traces of the jitted step == compilations (one per batch shape)
         self._lock = threading.Lock()
-        self._step = jax.jit(partial(self._forward, self.graphdef))
+        self._step = jit_forward(self.graphdef, on_trace=self._count_trace, call_kw={"impl": self.attention_impl})
         self.hf_config: dict | None = None  # the source config.json, kept verbatim on export
 
     def save_pretrained(self, out_dir: str | os.PathLike, dtype: str = "float32") -> Path:
@@ -106,17 +105,11 @@ class EmbeddingGemma:
         quantize = quant.check_mode(quantize)
         param_dtype = check_dtype(param_dtype or dtype)
         compile_cache.enable()  # only when EMBEDDINGGEMMA_JAX_COMPILATION_CACHE is set
-        folder = hub.resolve(name_or_path)
-        if checkpoint.is_checkpoint(folder):
-            enc, head, hf_config = checkpoint.read_checkpoint_configs(folder)
-            tok_dir = folder / checkpoint.ASSETS_DIR
-        else:
-            enc, head = read_folder_configs(folder)
-            hf_config, tok_dir = read_json(folder / "config.json"), folder
+        src = read_source(name_or_path)
+        folder, enc, head, stored = src.folder, src.encoder_config, src.head_config, src.quantize
         # The tokenizer first: parsing its JSON peaks well above what it keeps, and that transient is
         # returned to the OS before the parameters arrive (peak memory: docs/benchmarks.md).
-        tok = TextTokenizer(tok_dir / "tokenizer.json", head.max_seq_length, enc.pad_token_id, enc.eos_token_id)
-        stored = checkpoint.read_marker(folder).get("quantize") if checkpoint.is_checkpoint(folder) else None
+        tok = src.tokenizer()
         if stored is not None and quantize not in (None, stored):
             raise ConfigError(f"{folder} holds weights quantized as {stored!r}; load it with quantize={stored!r} "
                               f"(or None), or convert the float model again with --quantize {quantize}")
@@ -127,7 +120,7 @@ class EmbeddingGemma:
         load_dtype = "float32" if quantize and stored is None else param_dtype
         graphdef, state = nnx.split(abstract_module(enc, head, dtype, load_dtype, quantize=stored))
         rules = rules or sharding.DATA_PARALLEL_RULES
-        if checkpoint.is_checkpoint(folder):
+        if src.is_checkpoint:
             shardings = None if mesh is None else sharding.state_shardings(state, mesh, rules)
             state = checkpoint.restore_state(folder, state, shardings)
         else:
@@ -137,7 +130,7 @@ class EmbeddingGemma:
         if quantize and stored is None:
             module = quant.cast_float_params(quant.quantize_module(module, quantize), param_dtype)
         model = cls(module, enc, head, tok, dtype=dtype, source=folder, quantize=quantize or stored, **kw)
-        model.hf_config = hf_config
+        model.hf_config = src.hf_config
         return model
 
     def quantized(self, mode: str, **kw) -> "EmbeddingGemma":
@@ -174,10 +167,8 @@ class EmbeddingGemma:
         return self.head_config.out_features
 
     # ----------------------------------------------------------------------------- forward
-    def _forward(self, graphdef, state, ids, mask):
+    def _count_trace(self) -> None:
         self.compile_count += 1  # runs only while tracing
-        module = nnx.merge(graphdef, state)
-        return module(ids, mask, impl=self.attention_impl)
 
     def embed_batch(self, batch: Batch) -> np.ndarray:
         """Unnormalised head output for the real rows of one padded batch: [n, out] fp32."""
@@ -187,16 +178,8 @@ class EmbeddingGemma:
 
     # ----------------------------------------------------------------------------- API
     def apply_prompt(self, texts: list[str], prompt_name: str | None, prompt: str | None) -> list[str]:
-        if prompt_name is not None and prompt is not None:
-            raise ValueError("pass either prompt_name or prompt, not both")
-        if prompt_name is not None:
-            if prompt_name not in self.head_config.prompts:
-                raise ValueError(f"unknown prompt_name {prompt_name!r}; valid names: "
-                                 f"{', '.join(sorted(self.head_config.prompts))}")
-            prompt = self.head_config.prompts[prompt_name]
-        if prompt is not None and not isinstance(prompt, str):
-            raise TypeError(f"prompt must be a str, got {type(prompt).__name__}")
-        return [prompt + t for t in texts] if prompt else texts
+        """``texts`` with the prompt chosen by ``prompts.prompt_text`` (a name of ``self.prompts`` or custom)."""
+        return with_prompt(texts, prompt_text(self.head_config.prompts, prompt_name, prompt))
 
     def encode(self, texts: str | Sequence[str], prompt_name: str | None = None, prompt: str | None = None,
                dimensions: int | None = None, normalize: bool | None = None, batch_size: int = 32,
@@ -291,7 +274,7 @@ class EmbeddingGemma:
         for i, t in enumerate(titles):
             if t is not None and not isinstance(t, str):
                 raise TypeError(f"title at index {i} is {type(t).__name__}, not str or None")
-        prefixed = [DOCUMENT_TEMPLATE.format(title=t if t is not None else "none") + x for x, t in zip(items, titles)]
+        prefixed = [document_prefix(t) + x for x, t in zip(items, titles)]
         out = self.encode(prefixed, prompt="", **kw)  # the title template is the prompt: no default prompt on top
         return out[0] if single else out
 

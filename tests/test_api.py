@@ -353,3 +353,21 @@ def test_cli_help_and_version_import_no_heavy_module():
     assert r.returncode == 0 and "tpu-compile" in r.stdout and "HEAVY []" in r.stdout, (r.stdout[-500:], r.stderr)
     r = _cli("--version")
     assert r.returncode == 0 and r.stdout.strip() == f"embeddinggemma-jax {__version__}", r
+
+
+def test_one_prompt_helper_for_names_custom_prompts_and_titles():
+    """``prompts``: the one home of prompt choice; the error names the caller's spelling and the valid names."""
+    from embeddinggemma_jax.errors import JobError
+    from embeddinggemma_jax.prompts import document_prefix, prompt_text, with_prompt
+
+    prompts = {"query": "task: search result | query: ", "document": "title: none | text: "}
+    assert prompt_text(prompts, "query") == prompts["query"]
+    assert prompt_text(prompts, None, "custom: ") == "custom: " and prompt_text(prompts) is None
+    assert with_prompt(["a", "b"], "p: ") == ["p: a", "p: b"] and with_prompt(["a"], "") == ["a"]
+    assert document_prefix(None) == prompts["document"] and document_prefix("T") == "title: T | text: "
+    with pytest.raises(JobError, match=r"^unknown --prompt-name 'nope'; valid names: document, query$"):
+        prompt_text(prompts, "nope", what="--prompt-name", error=JobError)
+    with pytest.raises(ValueError, match="not both"):
+        prompt_text(prompts, "query", "custom")
+    with pytest.raises(TypeError, match="prompt must be a str"):
+        prompt_text(prompts, None, 3)

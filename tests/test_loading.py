@@ -191,3 +191,19 @@ def test_hub_id_validation():
 @pytest.mark.real
 def test_real_cache_entry_matches_pinned_hashes(real_folder):
     assert hub.verify_folder(real_folder, hub.PINNED_FILES[hub.DEFAULT_MODEL]) == []
+
+
+def test_read_source_reads_a_folder_and_its_checkpoint_alike(tiny_folder, tmp_path):
+    """``source.read_source``: the one reader of configs and tokenizer; a checkpoint gives what its folder gives."""
+    from embeddinggemma_jax.source import read_source
+
+    ckpt = EmbeddingGemma.from_pretrained(tiny_folder).save_checkpoint(tmp_path / "ckpt")
+    folder, saved = read_source(tiny_folder), read_source(ckpt)
+    assert (folder.is_checkpoint, saved.is_checkpoint) == (False, True)
+    assert saved.encoder_config == folder.encoder_config and saved.head_config == folder.head_config
+    assert saved.hf_config == folder.hf_config and saved.quantize is None
+    texts = ["title: none | text: alpha", "x" * 300]
+    assert saved.tokenizer().encode(texts) == folder.tokenizer().encode(texts)
+    assert len(folder.tokenizer(max_length=16).encode(["x" * 300])[0]) == 16
+    with pytest.raises(ModelNotFoundError, match="not a model folder"):
+        read_source(tmp_path)

@@ -247,7 +247,7 @@ def test_prompts_are_applied_as_at_inference(tiny_folder):
     want_d = model.tokenizer.encode(model.apply_prompt(["x is a letter", "y too", "z", "w"], "document", None))
     for ids, mask, want in ((b.query_ids[0], b.query_mask[0], want_q), (b.doc_ids[0], b.doc_mask[0], want_d)):
         assert [list(r[m.astype(bool)]) for r, m in zip(ids, mask)] == want
-    with pytest.raises(ValueError, match="no prompt named 'nope'"):
+    with pytest.raises(ValueError, match="unknown --query-prompt 'nope'; valid names: document, query"):
         BatchEncoder(tok, head.prompts, 128, (128,), query_prompt="nope")
 
 

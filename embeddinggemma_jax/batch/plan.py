@@ -68,29 +68,19 @@ def plan_only(o, hosts: int | None = None) -> dict:
     """Tokenise the job's input (no weights) and simulate its plan; the report as a dict."""
     import time
 
-    from embeddinggemma_jax import checkpoint, hub, topologies
+    from embeddinggemma_jax import topologies
     from embeddinggemma_jax.batch.job import JobError
     from embeddinggemma_jax.batch.readers import InputSpec, expand_inputs, infer_format, iter_units
-    from embeddinggemma_jax.model import DOCUMENT_TEMPLATE
-    from embeddinggemma_jax.tokenize import TextTokenizer
-    from embeddinggemma_jax.weights import read_folder_configs
+    from embeddinggemma_jax.prompts import document_prefix, prompt_text
+    from embeddinggemma_jax.source import read_source
 
     t0 = time.perf_counter()
     topo = topologies.get(o.topology) if o.topology else None
     hosts = hosts or (topo.hosts if topo else 1)
-    folder = hub.resolve(o.model)
-    if checkpoint.is_checkpoint(folder):
-        enc, head, _ = checkpoint.read_checkpoint_configs(folder)
-        tok_dir = folder / checkpoint.ASSETS_DIR
-    else:
-        enc, head = read_folder_configs(folder)
-        tok_dir = folder
-    tok = TextTokenizer(tok_dir / "tokenizer.json", head.max_seq_length, enc.pad_token_id, enc.eos_token_id)
-    prompt = ""
-    if o.prompt_name:
-        if o.prompt_name not in head.prompts:
-            raise JobError(f"unknown --prompt-name {o.prompt_name!r}; the model has: {', '.join(sorted(head.prompts))}")
-        prompt = head.prompts[o.prompt_name]
+    src = read_source(o.model)
+    head = src.head_config
+    tok = src.tokenizer()
+    prompt = prompt_text(head.prompts, o.prompt_name or None, what="--prompt-name", error=JobError) or ""
     inputs = expand_inputs(o.inputs)
     spec = InputSpec(tuple(inputs), o.format or infer_format(inputs), o.text_field, o.id_field, o.title_field,
                      o.unit_size)
@@ -99,7 +89,7 @@ def plan_only(o, hosts: int | None = None) -> dict:
 
     def units():
         for u in iter_units(spec):
-            texts = [(DOCUMENT_TEMPLATE.format(title=r.title or "none") if o.title_field else prompt) + r.text
+            texts = [(document_prefix(r.title or None) if o.title_field else prompt) + r.text
                      for r in u.records]
             yield u.file_index + u.unit_index, tok.count(texts) if texts else []
 

@@ -14,10 +14,10 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 from jax.sharding import NamedSharding
 
 from embeddinggemma_jax.distributed import place_state
+from embeddinggemma_jax.head import jit_forward
 from embeddinggemma_jax.sharding import logical_to_spec, state_shardings, use_rules
 
 
@@ -55,12 +55,9 @@ class ShardedEncoder:
             raise ValueError(f"the batch is split {self.batch_split} ways, not a multiple of the "
                              f"{jax.process_count()} processes; use a mesh whose data axes span every host")
         self.local_split = self.batch_split // jax.process_count()
-
-        def forward(state, ids, mask):
-            return nnx.merge(graphdef, state)(ids, mask, impl=impl)
-
-        self._jit = jax.jit(forward, in_shardings=(self.state_shardings, self.batch_sharding, self.batch_sharding),
-                            out_shardings=self.out_sharding)
+        self._jit = jit_forward(graphdef, call_kw={"impl": impl},
+                                in_shardings=(self.state_shardings, self.batch_sharding, self.batch_sharding),
+                                out_shardings=self.out_sharding)
         self._compiled: dict[tuple[int, int], object] = {}
         self.compile_seconds = 0.0
 

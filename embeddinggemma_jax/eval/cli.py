@@ -94,6 +94,7 @@ def _write(args, result: dict) -> None:
 def cmd_evaluate_sts(args) -> int:
     from embeddinggemma_jax.eval import sts
     from embeddinggemma_jax.head import check_dimensions
+    from embeddinggemma_jax.prompts import prompt_text
 
     # the data is read and checked before the model loads
     files = sts.sts_files(args.data, args.split, args.languages)
@@ -104,8 +105,7 @@ def cmd_evaluate_sts(args) -> int:
         if check_dimensions(d, model.dimensions) > model.dimensions:
             raise ValueError(f"--dimensions {d} is above the model's {model.dimensions}; use Matryoshka sizes "
                              f"up to {model.dimensions}")
-    if args.prompt_name:
-        model.apply_prompt([], args.prompt_name, None)  # an unknown prompt name fails here, in one line
+    prompt_text(model.prompts, args.prompt_name or None, what="--prompt-name")  # an unknown name: one line, here
     embed = sts.model_embedder(model, args.prompt_name, args.batch_size)
     result = sts.run_sts(embed, args.data, args.split, list(files), args.dimensions, args.max_pairs,
                          say=lambda s: print(s, file=sys.stderr, flush=True))
@@ -119,14 +119,14 @@ def cmd_evaluate_sts(args) -> int:
 
 def cmd_evaluate_retrieval(args) -> int:
     from embeddinggemma_jax.eval.retrieval import format_metrics, run_retrieval
+    from embeddinggemma_jax.prompts import prompt_text
     from embeddinggemma_jax.train.data import Fields, PairFile
 
     records = PairFile(args.data, Fields(args.query_field, args.positive_field, None)).all_records()
     records = records[:args.max_pairs] if args.max_pairs else records
     model = _load(args)
-    for name in (args.query_prompt, args.document_prompt):
-        if name:
-            model.apply_prompt([], name, None)
+    for flag, name in (("--query-prompt", args.query_prompt), ("--document-prompt", args.document_prompt)):
+        prompt_text(model.prompts, name or None, what=flag)  # an unknown name: one line, before any work
 
     def embed(texts, prompt_name):
         return model.encode(texts, prompt_name=prompt_name or None, normalize=False, batch_size=args.batch_size)

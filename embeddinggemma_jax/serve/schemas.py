@@ -12,6 +12,7 @@ import json
 from dataclasses import dataclass
 
 from embeddinggemma_jax.head import check_dimensions
+from embeddinggemma_jax.prompts import prompt_text
 from embeddinggemma_jax.tokenize import check_texts
 
 TIERS = ("priority", "default")  # the order in which the worker takes them
@@ -127,9 +128,10 @@ def _options(body: dict, prompts: dict[str, str], full_dimensions: int) -> dict:
         except ValueError as e:
             raise bad_request(str(e), param="dimensions")
     prompt_name = _typed(body, "prompt_name", str, None, "a string")
-    if prompt_name is not None and prompt_name not in prompts:
-        raise bad_request(f"unknown prompt_name {prompt_name!r}; valid names: {', '.join(sorted(prompts))}",
-                          param="prompt_name", code="unknown_prompt_name")
+    try:
+        prompt_text(prompts, prompt_name)
+    except ValueError as e:
+        raise bad_request(str(e), param="prompt_name", code="unknown_prompt_name") from None
     return {"dimensions": dims, "prompt_name": prompt_name,
             "normalize": _typed(body, "normalize", bool, None, "true or false"),
             "truncate": _typed(body, "truncate", bool, True, "true or false")}

@@ -21,6 +21,7 @@ import numpy as np
 from embeddinggemma_jax.batching import BatchPlanner, buckets_for
 from embeddinggemma_jax.io_utils import parse_json
 from embeddinggemma_jax.options import option
+from embeddinggemma_jax.prompts import prompt_text, with_prompt
 
 
 @dataclass(frozen=True)
@@ -280,12 +281,9 @@ class BatchEncoder:
 
     def __init__(self, tokenizer, prompts: dict[str, str], max_length: int, buckets: Sequence[int],
                  query_prompt: str = "query", document_prompt: str = "document"):
-        for name in (query_prompt, document_prompt):
-            if name and name not in prompts:
-                raise ValueError(f"the model has no prompt named {name!r} (it has: {', '.join(sorted(prompts))})")
         self.tokenizer = tokenizer
-        self.query_prefix = prompts[query_prompt] if query_prompt else ""
-        self.doc_prefix = prompts[document_prompt] if document_prompt else ""
+        self.query_prefix = prompt_text(prompts, query_prompt or None, what="--query-prompt") or ""
+        self.doc_prefix = prompt_text(prompts, document_prompt or None, what="--document-prompt") or ""
         self.max_length = min(max_length, tokenizer.max_length)
         for what, name, prefix in (("query", query_prompt, self.query_prefix),
                                    ("document", document_prompt, self.doc_prefix)):
@@ -297,7 +295,7 @@ class BatchEncoder:
         self.buckets = buckets_for(self.max_length, buckets)
 
     def ids(self, texts: list[str], prefix: str) -> list[list[int]]:
-        return self.tokenizer.encode([prefix + t for t in texts], truncate=True, max_length=self.max_length)
+        return self.tokenizer.encode(with_prompt(texts, prefix), truncate=True, max_length=self.max_length)
 
     def planner(self, rows: int) -> BatchPlanner:
         return BatchPlanner(self.buckets, rows, self.tokenizer.pad_id)

@@ -21,9 +21,11 @@ from flax import nnx
 
 from embeddinggemma_jax.batching import TRAIN_LENGTH_BUCKETS
 from embeddinggemma_jax.distributed import Distributed, allgather_ints, barrier, is_primary
+from embeddinggemma_jax.head import jit_forward
 from embeddinggemma_jax.hub import DEFAULT_MODEL
 from embeddinggemma_jax.io_utils import check_local_folder
 from embeddinggemma_jax.options import differences, flat_dict, ints, option
+from embeddinggemma_jax.prompts import prompt_text
 from embeddinggemma_jax.storage import epath, is_object_store
 from embeddinggemma_jax.train import step as st
 from embeddinggemma_jax.train.checkpointing import TrainCheckpoints
@@ -184,7 +186,7 @@ class Run:
         self.position = Position()
         self.pairs: PairFile | None = None  # read (and validated) by fit or resume, before any step
         self.monitor = Monitor(rc.output_dir, enabled=False)  # fit() opens the writers once it knows the step
-        self._forward_jit = jax.jit(lambda p, ids, mask: self.t.module(p)(ids, mask), out_shardings=self.t.replicated)
+        self._forward_jit = jit_forward(self.t.graphdef, prepare=self.t.states, out_shardings=self.t.replicated)
         self.evaluator = None
         if rc.eval_file:
             records = PairFile(rc.eval_file, rc.fields).all_records()
@@ -192,10 +194,7 @@ class Run:
                                            rc.eval_pairs)
         self.sts_evaluator, self.last_sts, self.best = None, None, None
         if rc.eval_sts:
-            prefix = self.head.prompts.get(rc.eval_sts_prompt, None) if rc.eval_sts_prompt else ""
-            if prefix is None:
-                raise ValueError(f"--eval-sts-prompt {rc.eval_sts_prompt!r} is not a prompt of the model "
-                                 f"({', '.join(sorted(self.head.prompts))}); name one or pass ''")
+            prefix = prompt_text(self.head.prompts, rc.eval_sts_prompt or None, what="--eval-sts-prompt") or ""
             self.sts_evaluator = StsEvaluator(rc.eval_sts, rc.eval_sts_split, rc.eval_languages, self.encoder, prefix,
                                               rc.eval_dims or self.dims, rc.eval_batch_size, rc.eval_pairs)
         if rc.keep_best:

@@ -32,6 +32,7 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from embeddinggemma_jax.head import make_forward
 from embeddinggemma_jax import sharding as shd
 from embeddinggemma_jax.config import check_dtype
 from embeddinggemma_jax.distributed import place_state
@@ -164,8 +165,12 @@ class Trainable:
     def replicated(self) -> NamedSharding:
         return NamedSharding(self.mesh, PartitionSpec())
 
+    def states(self, params: dict, frozen: nnx.State | None = None) -> tuple[nnx.State, nnx.State]:
+        """What ``nnx.merge(graphdef, ...)`` takes for the module with these trainable ``params``."""
+        return _with_params(self, params), self.frozen if frozen is None else frozen
+
     def module(self, params: dict) -> nnx.Module:
-        return nnx.merge(self.graphdef, _with_params(self, params), self.frozen)
+        return nnx.merge(self.graphdef, *self.states(params))
 
     def full_state(self, params: dict) -> nnx.State:
         """The whole parameter State (trainable + frozen), e.g. for ``export.save_folder``."""
@@ -274,8 +279,8 @@ def state_shardings(t: Trainable, params: dict, tx: optax.GradientTransformation
 
 def _embed(t: Trainable, cfg: TrainConfig, params, frozen, ids, mask, remat: bool):
     remat = cfg.remat_policy if remat and cfg.remat_policy != "full" else remat
-    module = nnx.merge(t.graphdef, _with_params(t, params), frozen)
-    return module(ids, mask, impl=cfg.attention, remat=remat)  # [rows, out] fp32
+    forward = make_forward(t.graphdef, prepare=lambda p: t.states(p, frozen), impl=cfg.attention, remat=remat)
+    return forward(params, ids, mask)  # [rows, out] fp32
 
 
 def loss_fn(t: Trainable, cfg: TrainConfig, dims, weights, params, frozen, qi, qm, di, dm, scores=None):
