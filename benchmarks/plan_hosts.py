@@ -46,16 +46,14 @@ def main(argv=None):
     ap.add_argument("--out", help="also write the rows (and the corpus's counts) to this JSON file")
     ap.add_argument("--corpus", default="", help="how the input was made, for --out (e.g. the make_corpus command)")
     a = ap.parse_args(argv)
-    from embeddinggemma_jax import hub, topologies
+    from embeddinggemma_jax import topologies
     from embeddinggemma_jax.io_utils import atomic_write_json
     from embeddinggemma_jax.batch.plan import job_planner, simulate
     from embeddinggemma_jax.batch.readers import InputSpec, iter_units
-    from embeddinggemma_jax.tokenize import TextTokenizer
-    from embeddinggemma_jax.weights import read_folder_configs
+    from embeddinggemma_jax.source import read_source
 
-    folder = hub.resolve(a.model)
-    enc, head = read_folder_configs(folder)
-    tok = TextTokenizer(folder / "tokenizer.json", head.max_seq_length, enc.pad_token_id, enc.eos_token_id)
+    src = read_source(a.model)
+    head, tok = src.head_config, src.tokenizer()
     prompt = head.prompts["document"]
     t = time.perf_counter()
     units = [(u.file_index + u.unit_index, tok.count([prompt + r.text for r in u.records]))

@@ -33,10 +33,11 @@ def spec_text(spec) -> str:
 
 def modes_table() -> str:
     from embeddinggemma_jax.head import abstract_module
-    from embeddinggemma_jax.hub import DEFAULT_MODEL, resolve
-    from embeddinggemma_jax.weights import read_folder_configs
+    from embeddinggemma_jax.hub import DEFAULT_MODEL
+    from embeddinggemma_jax.source import read_source
 
-    enc, head = read_folder_configs(resolve(DEFAULT_MODEL))
+    src = read_source(DEFAULT_MODEL)
+    enc, head = src.encoder_config, src.head_config
     fp = quant.param_bytes(abstract_module(enc, head))
     lines = ["| mode | embedding table | attention | MLP | Dense head | activations | parameter bytes |",
              "|---|---|---|---|---|---|---|", f"| (float32) | float | float | float | float | float | {fp:,} (1.00) |"]

@@ -64,9 +64,9 @@ def write_pairs(path: Path, n: int, seed: int = 0) -> Path:
 def ours(a) -> dict:
     from embeddinggemma_jax.train import step as st
     from embeddinggemma_jax.train.run import Run, RunConfig
-    from embeddinggemma_jax.weights import read_folder_configs
+    from embeddinggemma_jax.source import read_source
 
-    _, head = read_folder_configs(Path(a.folder))
+    head = read_source(a.folder).head_config
     tc = st.TrainConfig(matryoshka_dims=(head.out_features,), total_steps=a.steps, dtype="float32",
                         learning_rate=2e-5, weight_decay=0.01, max_grad_norm=1.0)
     with tempfile.TemporaryDirectory() as out:

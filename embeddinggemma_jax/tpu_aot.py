@@ -131,10 +131,10 @@ def model_configs(model: str | None):
 
     if model is None:
         return EncoderConfig(), HeadConfig()
-    from embeddinggemma_jax import hub
-    from embeddinggemma_jax.weights import read_folder_configs
+    from embeddinggemma_jax.source import read_source
 
-    return read_folder_configs(hub.resolve(model))
+    src = read_source(model)  # a folder, an Orbax checkpoint or a hub id
+    return src.encoder_config, src.head_config
 
 
 

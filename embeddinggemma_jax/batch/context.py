@@ -9,6 +9,7 @@ import json
 import time
 from dataclasses import dataclass, field
 
+from embeddinggemma_jax.prompts import prompt_text
 from embeddinggemma_jax.batch import shards
 from embeddinggemma_jax.batch.manifest import FORMAT_VERSION, JOB
 from embeddinggemma_jax.batch.readers import FORMATS, InputSpec, expand_inputs, infer_format, input_sizes
@@ -163,11 +164,7 @@ def setup(o: EmbedOptions) -> JobContext:
     dims = check_dimensions(o.dimensions, model.dimensions)
     if o.title_field and o.prompt_name != "document":
         raise JobError("--title-field builds the document prompt; use it with --prompt-name document")
-    prompt = ""
-    if o.prompt_name:
-        if o.prompt_name not in model.prompts:
-            raise JobError(f"unknown --prompt-name {o.prompt_name!r}; the model has: {', '.join(sorted(model.prompts))}")
-        prompt = model.prompts[o.prompt_name]
+    prompt = prompt_text(model.prompts, o.prompt_name or None, what="--prompt-name", error=JobError) or ""
     buckets = buckets_for(model.head_config.max_seq_length, o.buckets or (topo.buckets if topo else JOB_LENGTH_BUCKETS))
     mesh = make_mesh(mesh_shape)
     enc = ShardedEncoder(model, mesh, rules)

@@ -95,9 +95,9 @@ def tokenize_unit(ctx: JobContext, u: Unit) -> list:
     if u.bad and ctx.options.on_bad_record == "fail":
         b = u.bad[0]
         raise BadRecordError(f"{u.path}:{b.line}: {b.error}; fix the record or pass --on-bad-record skip")
-    from embeddinggemma_jax.model import DOCUMENT_TEMPLATE
+    from embeddinggemma_jax.prompts import document_prefix
 
-    texts = [(DOCUMENT_TEMPLATE.format(title=r.title or "none") if ctx.options.title_field else ctx.prompt) + r.text
+    texts = [(document_prefix(r.title or None) if ctx.options.title_field else ctx.prompt) + r.text
              for r in u.records]
     return ctx.model.tokenizer.encode(texts, truncate=True) if texts else []
 

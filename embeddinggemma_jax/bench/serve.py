@@ -80,16 +80,13 @@ def run(model: str, docstrings: int = 64, clients: int = 32, idle_requests: int 
         batch_size: int = 32, repeats: int = 2, server_args: tuple[str, ...] = (), timeout: float = 3600) -> dict:
     import httpx
 
-    from embeddinggemma_jax import hub
     from embeddinggemma_jax.bench import speed
     from embeddinggemma_jax.bench.corpora import stdlib_docstrings
-    from embeddinggemma_jax.tokenize import TextTokenizer
-    from embeddinggemma_jax.weights import read_folder_configs
+    from embeddinggemma_jax.source import read_source
 
     threads = threads or len(os.sched_getaffinity(0))
-    folder = hub.resolve(model)
-    enc, head = read_folder_configs(folder)
-    tok = TextTokenizer(folder / "tokenizer.json", head.max_seq_length, enc.pad_token_id, enc.eos_token_id)
+    src = read_source(model)
+    folder, head, tok = src.folder, src.head_config, src.tokenizer()
     max_doc = min(700, head.max_seq_length)
     texts = stdlib_docstrings(tok, docstrings, min_tokens=min(50, max_doc // 2), max_tokens=max_doc)
     report = {"model": str(folder), "threads": threads, "texts": len(texts), "tokens": sum(tok.count(texts)),

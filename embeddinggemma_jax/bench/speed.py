@@ -221,19 +221,16 @@ def check_st_installed(engines) -> None:
 def run(model: str, engines=ENGINES, docstrings: int = 64, long_docs: int = 4, long_tokens: int = 2048,
         threads: int | None = None, batch_size: int = 32, repeats: int = 1, timeout: float = 3600,
         max_batch_tokens: int | None | str = "auto", st_batch_size: int | None = None, rounds: int = 1) -> dict:
-    from embeddinggemma_jax import hub
     from embeddinggemma_jax.batching import DEFAULT_LENGTH_BUCKETS, BatchPlanner, buckets_for, resolve_max_batch_tokens
-    from embeddinggemma_jax.tokenize import TextTokenizer
-    from embeddinggemma_jax.weights import read_folder_configs
+    from embeddinggemma_jax.source import read_source
 
     bad = [e for e in engines if e not in ENGINES]
     if bad:
         raise ValueError(f"unknown engine {bad[0]!r}; choose from {', '.join(ENGINES)}")
     check_st_installed(engines)
     threads = threads or len(os.sched_getaffinity(0))
-    folder = hub.resolve(model)
-    enc, head = read_folder_configs(folder)
-    tok = TextTokenizer(folder / "tokenizer.json", head.max_seq_length, enc.pad_token_id, enc.eos_token_id)
+    src = read_source(model)
+    folder, head, tok = src.folder, src.head_config, src.tokenizer()
     max_doc = min(700, head.max_seq_length)
     corpora = {}
     if docstrings:
