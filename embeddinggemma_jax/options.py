@@ -110,13 +110,29 @@ def _show(v) -> str:
     return "none" if v is None else str(v)
 
 
-def read_config(path: str | Path, cls, ignore: tuple[str, ...] = ()) -> dict[str, Any]:
-    """The values of a JSON config file for ``cls`` (keys: flag names with underscores; keys starting
-    with ``_`` are comments; keys in ``ignore`` are another reader's and left out). One-line errors name the file."""
+def resolve_config(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """A JSON config file's keys, on top of its ``"base"`` file's (a path relative to the file; bases may
+    have bases): the shared settings live once, each file holds what differs (``tpu/train/*.json``)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"config file {path} does not exist")
-    values = {k: v for k, v in read_json(path, expect=dict).items() if not k.startswith("_") and k not in ignore}
+    if path.resolve() in _seen:
+        raise ValueError(f"config file {path} is its own base (through {', '.join(map(str, _seen))})")
+    values = read_json(path, expect=dict)
+    base = values.pop("base", None)
+    if base is None:
+        return values
+    if not isinstance(base, str):
+        raise ValueError(f"config file {path}: \"base\" must be a file name, got {base!r}")
+    merged = resolve_config(path.parent / base, _seen + (path.resolve(),))
+    merged.update(values)
+    return merged
+
+
+def read_config(path: str | Path, cls, ignore: tuple[str, ...] = ()) -> dict[str, Any]:
+    """The values of a JSON config file for ``cls`` (keys: flag names with underscores; keys starting
+    with ``_`` are comments; keys in ``ignore`` are another reader's and left out). One-line errors name the file."""
+    values = {k: v for k, v in resolve_config(path).items() if not k.startswith("_") and k not in ignore}
     known = {fl.key for fl in _flags(cls)}
     unknown = sorted(set(values) - known)
     if unknown:

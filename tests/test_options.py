@@ -75,3 +75,18 @@ def test_train_and_embed_flags_are_their_dataclasses():
                                       "--prompt-name", ""])
     o = options.build(EmbedOptions, args)
     assert o.inputs == ("a.jsonl", "b.jsonl") and o.shrink is False and o.prompt_name is None
+
+
+def test_a_config_on_a_base_file_overrides_only_what_it_names(tmp_path):
+    from embeddinggemma_jax.options import resolve_config
+
+    (tmp_path / "base.json").write_text('{"_comment": "shared", "a": 1, "b": [1, 2]}')
+    (tmp_path / "mid.json").write_text('{"base": "base.json", "b": [3]}')
+    (tmp_path / "top.json").write_text('{"base": "mid.json", "c": true}')
+    assert resolve_config(tmp_path / "top.json") == {"_comment": "shared", "a": 1, "b": [3], "c": True}
+    (tmp_path / "loop.json").write_text('{"base": "loop.json"}')
+    with pytest.raises(ValueError, match="its own base"):
+        resolve_config(tmp_path / "loop.json")
+    (tmp_path / "gone.json").write_text('{"base": "nowhere.json"}')
+    with pytest.raises(FileNotFoundError, match="nowhere.json"):
+        resolve_config(tmp_path / "gone.json")

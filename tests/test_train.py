@@ -404,9 +404,15 @@ def test_tpu_training_configs_parse(tmp_path):
     from embeddinggemma_jax.cli import build_parser
     from embeddinggemma_jax.train.cli import run_config
 
-    configs = sorted((ROOT / "tpu" / "train").glob("*.json"))
+    configs = sorted((ROOT / "tpu" / "train").glob("v5litepod-*.json"))  # base.json holds their shared keys
     assert configs
+    from embeddinggemma_jax.options import resolve_config
+
+    shared = {k: v for k, v in resolve_config(ROOT / "tpu" / "train" / "base.json").items() if not k.startswith("_")}
     for path in configs:
+        own = json.loads(path.read_text())
+        assert own["base"] == "base.json" and not set(own) & set(shared), path  # each shared key said once
+        assert shared.items() <= resolve_config(path).items(), path
         args = build_parser().parse_args(["train", "--config", str(path), "--train-file", "t.jsonl",
                                           "--output-dir", str(tmp_path), "--steps", "307"])
         rc = run_config(args)
