@@ -61,6 +61,15 @@ def results() -> list[tuple[Path, dict]]:
     return [(p, json.loads(p.read_text(encoding="utf-8"))) for p in sorted(COMPILED.glob("*.json"), key=key)]
 
 
+def how(out: dict) -> str:
+    """For a train step: its attention kernel and the roofline version that projected it (v1 counted a scan's
+    stacked buffers whole per iteration: docs/training-tpu.md); job steps' differ by ~1% and are not marked."""
+    if out["kind"] != "train":
+        return ""
+    b = out["buckets"][0]
+    return f" ({b.get('attention', 'xla')}, roofline v{b.get('roofline_version', 1)})"
+
+
 def tables() -> tuple[str, str]:
     from embeddinggemma_jax.tpu_compile import markdown
 
@@ -83,7 +92,7 @@ def tables() -> tuple[str, str]:
             f"| {title(out)} | {out['chips']} ({out['hosts']}), {mesh} | {nb} | "
             f"{rng([b['hbm_bytes'] / GIB for b in bs], lambda x: f'{x:.2f}')} GiB | "
             f"{rng([b['projected_tokens_per_second_per_chip'] for b in bs], lambda x: f'{x:,.0f}')} | "
-            f"{rng([b['projected_mfu'] for b in bs], lambda x: f'{100 * x:.0f}%')} | `{command(out, path)}` |")
+            f"{rng([b['projected_mfu'] for b in bs], lambda x: f'{100 * x:.0f}%')}{how(out)} | `{command(out, path)}` |")
     return "\n".join(detail).rstrip(), "\n".join(summary)
 
 

@@ -116,7 +116,9 @@ def compare(paths: list[str], root: Path | None = None) -> str:
         full = root / path if root else path
         d = model_summary(_load(full))
         b = _load(full)["buckets"][0]
-        how = f"remat {d['remat_policy']}, attention {b.get('attention', 'xla')}, roofline v{b.get('roofline_version', 1)}"
+        how = (f"{b.get('rules', 'data_parallel').replace('_', ' ')}, mini-batch {b.get('mini_batch_size')}, "
+               f"remat {d['remat_policy']}, attention "
+               f"{b.get('attention', 'xla')}, roofline v{b.get('roofline_version', 1)}")
         lines.append(f"| `{path}` ({how}) | {d['compiled_over_forward']:.2f} | "
                      f"{d['seconds_at_peak_flops']:.2f} | {d['seconds_at_hbm_bandwidth']:.2f} | "
                      f"{d['projected_seconds']:.2f} | {100 * d['projected_mfu']:.1f}% | {100 * d['hbm_fraction']:.0f}% |")
@@ -139,6 +141,7 @@ CHANGES = {
     8: (["train-search/v5litepod-8-xla-roofline1.json", "train-search/v5litepod-8-xla.json",
          "train-v5litepod-8.json"], "hlo/train-v5litepod-8"),
     16: (["train-search/v5litepod-16-xla-roofline1.json", "train-search/v5litepod-16-xla.json",
+          "train-search/v5litepod-16-fsdp-splash.json", "train-search/v5litepod-16-fsdp-m2048-splash.json",
           "train-v5litepod-16.json"], "hlo/train-v5litepod-16"),
 }
 
@@ -159,7 +162,8 @@ def blocks() -> dict:
             result = _load(COMPILED / have[-1])
             ops = op_breakdown(gzip.decompress(gz.read_bytes()).decode(), result["buckets"][0]["length"])
             out[f"TRAIN_MFU_OPS_{chips}"] = markdown(model_summary(result), ops)
-    return {"training-tpu.md": out} if out else {}
+    readme = {k: v for k, v in out.items() if k == "TRAIN_MFU_CHANGES_8"}
+    return {"training-tpu.md": out, "../README.md": readme} if out else {}
 
 
 def main(argv=None) -> int:
