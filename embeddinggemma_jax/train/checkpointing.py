@@ -37,8 +37,6 @@ class TrainCheckpoints:
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
 
-    def all_steps(self) -> list[int]:
-        return list(self.manager.all_steps())
 
     def save(self, step: int, state, meta: dict) -> None:
         """Asynchronous: training continues while the arrays are written; ``wait`` joins."""

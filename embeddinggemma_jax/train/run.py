@@ -444,9 +444,7 @@ def export_checkpoint(output_dir: str | Path, out_dir: str | Path, step: int | N
         base, module = load_base(meta["base_model"], cfg)
         t, params = st.make_trainable(module, cfg)
         tx = st.make_optimizer(cfg)
-        shardings = st.state_shardings(t, params, tx)
-        abstract = {"params": params, "opt_state": jax.eval_shape(tx.init, params),
-                    "step": jax.ShapeDtypeStruct((), np.int32), "rng": jax.ShapeDtypeStruct((2,), np.uint32)}
+        abstract, shardings = st.abstract_state(t, params, tx)  # the train state's shapes, as the run saved it
         abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), abstract)
         state, _ = ckpt.restore(abstract, shardings, step)
     finally:

@@ -114,8 +114,6 @@ class TrainConfig:
                 d[k] = tuple(d[k])
         return cls(**{k: v for k, v in d.items() if k in {f.name for f in dataclasses.fields(cls)}})
 
-    def replace(self, **kw) -> "TrainConfig":
-        return dataclasses.replace(self, **kw)
 
 
 def make_schedule(cfg: TrainConfig) -> optax.Schedule:
