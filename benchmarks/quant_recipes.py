@@ -59,6 +59,11 @@ RECIPES: dict[str, tuple[dict, str]] = {
     "int4-embed-c8": ({"embed": S(4, 32), "attn": S(8, None), "mlp": S(8, None), "head": S(8, None)},
                       "int4 b32 embedding table; attention, MLP, Dense head int8 per channel (the new mixed)"),
     "int8-b16-all": (_all(S(8, 16)), "int8 absmax in blocks of 16 everywhere"),
+    "int8-b8-all": (_all(S(8, 8)), "int8 absmax in blocks of 8 everywhere"),
+    "only-embed-int8-b16": ({"embed": S(8, 16)}, "ablation: only the embedding table int8 b16"),
+    "only-attn-int8-b16": ({"attn": S(8, 16)}, "ablation: only attention int8 b16"),
+    "only-mlp-int8-b16": ({"mlp": S(8, 16)}, "ablation: only the MLP int8 b16"),
+    "only-head-int8-b16": ({"head": S(8, 16)}, "ablation: only the Dense head int8 b16"),
 }
 GPTQ = {"int4-mlp-a8-e8h8-gptq", "int4-b32-e8h8-gptq"}  # recipes calibrated with GPTQ (calibration.py)
 

@@ -68,7 +68,7 @@ CASES = [  # (einsum, x shape, w shape, contraction axes of w)
 ]
 
 
-@pytest.mark.parametrize("spec", [quant.Spec(8, 32), quant.Spec(8, None), quant.Spec(4, 32), quant.Spec(4, None)],
+@pytest.mark.parametrize("spec", [quant.Spec(8, 32), quant.Spec(8, 8), quant.Spec(8, None), quant.Spec(4, 32), quant.Spec(4, None)],
                          ids=str)
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c[0])
 def test_weight_only_matmul_equals_numpy_fake_quant(spec, case):
@@ -213,7 +213,8 @@ def test_param_bytes_per_mode(tiny_float):
     sizes = {m: quant.param_bytes(tiny_float.quantized(m).module) for m in quant.MODE_NAMES}
     n = sum(int(np.prod(v.get_value().shape)) for _, v in iter_params(tiny_float.state))
     assert fp == 4 * n
-    assert sizes["int4-weights"] < sizes["int8-weights"] < fp / 3
+    # int8-weights: the matmuls in blocks of 8 (12 bits a weight with the fp32 scale), the table in blocks of 32
+    assert sizes["int4-weights"] < sizes["int8-weights"] < 0.4 * fp
     assert sizes["mixed"] < sizes["int8"] < fp / 3
 
 
