@@ -91,8 +91,8 @@ def table(data: dict) -> str:
     head = "| mode | compute | " + " | ".join(langs) + " | worst change | within 0.5 points |"
     lines = [head, "|" + "---|" * (len(langs) + 4)]
     for key, r in rows.items():
-        deltas = [100 * (r["spearman"][lang] - base["spearman"][lang]) for lang in langs]
-        cells = [f"{100 * r['spearman'][lang]:.2f} ({d:+.2f})" for lang, d in zip(langs, deltas)]
+        deltas = [r["spearman"][lang] - base["spearman"][lang] for lang in langs]
+        cells = [f"{r['spearman'][lang]:.2f} ({d:+.2f})" for lang, d in zip(langs, deltas)]  # already x 100
         worst = min(deltas)
         lines.append(f"| {r['mode'] or 'float'} | {r['dtype']} | " + " | ".join(cells)
                      + f" | {worst:+.2f} | {'yes' if worst >= -GATE_POINTS else '**no**'} |")

@@ -74,7 +74,8 @@ def blocks() -> dict[str, dict[str, str]]:
         return json.loads(p.read_text()) if p.exists() else {}
 
     return {"quantization.md": {"QUANT_MODES": modes_table(), "QUANT_TRIED": tried_table(load("quant_recipes.json")),
-                                "QUANT_BF16": bf16_table(load("quant_bf16.json"))}}
+                                "QUANT_BF16": bf16_table(load("quant_bf16.json")),
+                                "QUANT_LONG": tried_table(load("quant_long.json"))}}
 
 
 def main(argv=None) -> int:
