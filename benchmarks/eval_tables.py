@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -57,7 +58,9 @@ def recipe_table(r: dict) -> str:
              f"{r['batch_size']}" + (f" --eval-pairs {r['eval_pairs']}" if r.get("eval_pairs") else "")
              + " --out benchmarks/sts_recipe.json",
              "# which runs, between the evaluations:",
-             r["command"].replace(r.get("run_dir", "\0"), "RUN"),
+             f"embeddinggemma-jax evaluate sts-to-jsonl --data STSB_DIR --split train --languages {r['languages']} "
+             "--out stsb-train.jsonl",
+             re.sub(r"--train-file \S+", "--train-file stsb-train.jsonl", r["command"].replace(r.get("run_dir", "\0"), "RUN")),
              "```", "",
              "| language | before | after | change |", "|---|---:|---:|---:|"]
     for lang in r["before"]["results"]:
