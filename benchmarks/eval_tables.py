@@ -42,7 +42,8 @@ def speed_table(r: dict) -> str:
     for lang, x in r["results"].items():
         lines.append(f"| {lang} | {x['pairs']} | {x['ours']:.4f} | {x['reference']:.4f} | {x['ours_seconds']:.0f} | "
                      f"{x['reference_seconds']:.0f} |")
-    return "\n".join(lines) + (f"\n\n({r['dtype']}, CPU {r['cpu']} x {r['cpu_count']}, shared; "
+    return "\n".join(lines) + (f"\n\n({r['dtype']}, CPU {r['cpu']} x {r['cpu_count']}, shared: each row ran at its own "
+                                "load, recorded in the JSON, so compare within a row; "
                                 "`python benchmarks/eval_sts_reference.py --languages "
                                 f"{','.join(r['results'])}" + (f" --max-pairs {r['max_pairs']}" if r.get("max_pairs")
                                                                else "") + " --out benchmarks/eval_sts_reference.json`)")
