@@ -46,6 +46,13 @@ def main(argv=None):
     ap.add_argument("--out", help="also write the rows (and the corpus's counts) to this JSON file")
     ap.add_argument("--corpus", default="", help="how the input was made, for --out (e.g. the make_corpus command)")
     a = ap.parse_args(argv)
+    if a.out and Path(a.out).exists():
+        try:
+            ours = {"corpus", "rows", "unit_size"} <= set(json.loads(Path(a.out).read_text()))
+        except (OSError, ValueError):
+            ours = False
+        if not ours:
+            raise SystemExit(f"--out {a.out} exists and is not a plan_hosts result; refusing to replace it: pass a new file")
     from embeddinggemma_jax import topologies
     from embeddinggemma_jax.io_utils import atomic_write_json
     from embeddinggemma_jax.batch.plan import job_planner, simulate

@@ -162,6 +162,9 @@ def blocks() -> dict:
             result = _load(COMPILED / have[-1])
             ops = op_breakdown(gzip.decompress(gz.read_bytes()).decode(), result["buckets"][0]["length"])
             out[f"TRAIN_MFU_OPS_{chips}"] = markdown(model_summary(result), ops)
+    dots = ["train-search/v5litepod-16-xla-roofline1.json", "train-search/v5litepod-16-remat-dots.json"]
+    if all((COMPILED / f).exists() for f in dots):
+        out["TRAIN_MFU_REMAT_DOTS"] = compare([str((COMPILED / f).relative_to(ROOT)) for f in dots], ROOT)
     readme = {k: v for k, v in out.items() if k == "TRAIN_MFU_CHANGES_8"}
     return {"training-tpu.md": out, "../README.md": readme} if out else {}
 
@@ -182,7 +185,9 @@ def main(argv=None) -> int:
     if a.reproject:
         from embeddinggemma_jax.io_utils import atomic_write_json
         from embeddinggemma_jax.tpu_aot import reproject
+        from embeddinggemma_jax.tpu_compile import check_json_target
 
+        check_json_target(a.reproject)  # a user's file that is not a tpu-compile result is refused, not replaced
         result = reproject(result, a.hlo)
         atomic_write_json(a.reproject, result)
     summary = model_summary(result)
